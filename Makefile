@@ -1,0 +1,37 @@
+# The two commands of the quick start: `make demo` and `make test`. Each sets itself up on a fresh
+# machine: a .venv is created if missing and the package installed from the exact constraints file.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install zoo zoo-quick demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+zoo: $(STAMP)
+	$(BIN)/workbench zoo build
+
+zoo-quick: $(STAMP)
+	$(BIN)/workbench zoo build --quick
+
+demo: zoo
+	$(BIN)/workbench run --model zoo:code-target --technique speculative --draft zoo:code-draft \
+		--workload code-prompts --max-items 8 --max-new-tokens 48 --repeats 5 --warmup 1
+	$(BIN)/workbench runs --since 1d
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,48 @@
+"""Shared fixtures: every test session gets its own data folder and a quick zoo built once."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private WORKBENCH_DATA for the session, so tests never touch the user's store or zoo."""
+    path = tmp_path_factory.mktemp("workbench-data")
+    old = os.environ.get("WORKBENCH_DATA")
+    os.environ["WORKBENCH_DATA"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("WORKBENCH_DATA", None)
+    else:
+        os.environ["WORKBENCH_DATA"] = old
+
+
+@pytest.fixture(scope="session")
+def quick_zoo(data_dir: Path) -> Path:
+    """The quick zoo, built once per session into the private data folder."""
+    from workbench.models import zoo
+
+    zoo.build(quick=True, progress=False)
+    return data_dir / "zoo"
+
+
+@pytest.fixture
+def cli_env(data_dir: Path) -> dict[str, str]:
+    """Environment for running the `workbench` command in a subprocess against the session data."""
+    env = dict(os.environ)
+    env["WORKBENCH_DATA"] = str(data_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def workbench_cmd() -> list[str]:
+    """The command line that starts the CLI with this interpreter."""
+    return [sys.executable, "-m", "workbench.cli"]

@@ -1,0 +1,98 @@
+import time
+
+import numpy as np
+import pytest
+
+from workbench.measure import (
+    CallOutput,
+    PeakMemory,
+    describe,
+    paired_speedup,
+    run_interleaved,
+    summarize_samples,
+)
+
+
+def test_describe_distribution():
+    stats = describe([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert stats["n"] == 5
+    assert stats["median"] == 3.0
+    assert stats["p90"] == pytest.approx(np.percentile([1, 2, 3, 4, 100], 90))
+    assert stats["max"] == 100.0
+    assert describe([])["median"] is None
+
+
+def test_speedup_interval_detects_a_real_difference():
+    rng = np.random.default_rng(1)
+    base = 0.010 + rng.normal(0, 0.0003, 40)
+    tech = 0.005 + rng.normal(0, 0.0003, 40)
+    comp = paired_speedup(base, tech)
+    assert comp["ci_low"] < comp["speedup"] < comp["ci_high"]
+    assert comp["ci_low"] > 1.5 and comp["verdict"] == "faster" and comp["significant"]
+    slower = paired_speedup(tech, base)
+    assert slower["verdict"] == "slower" and slower["ci_high"] < 1.0
+
+
+def test_no_significant_difference_when_interval_contains_one():
+    rng = np.random.default_rng(2)
+    base = 0.010 + rng.normal(0, 0.001, 30)
+    tech = 0.010 + rng.normal(0, 0.001, 30)
+    comp = paired_speedup(base, tech)
+    assert comp["ci_low"] <= 1.0 <= comp["ci_high"]
+    assert comp["verdict"] == "no significant difference" and not comp["significant"]
+
+
+def test_single_pair_has_no_interval():
+    comp = paired_speedup([1.0], [0.5])
+    assert comp["speedup"] == 2.0 and comp["ci_low"] is None and comp["verdict"] == "no significant difference"
+
+
+def test_interleaving_alternates_order_and_skips_warmup():
+    log = []
+
+    def make(name):
+        def call(item):
+            log.append((name, item))
+            return CallOutput(output=f"{name}-{item}", new_tokens=3, first_output_at=time.perf_counter())
+        return call
+
+    result = run_interleaved({"a": make("a"), "b": make("b")}, n_items=2, repeats=3, warmup=1)
+    # warm-up: 2 items x 2 variants, then 3 repeats x 2 items x 2 variants
+    assert len(log) == 4 + 12
+    assert len(result.samples["a"]["latency_s"]) == 6
+    timed = log[4:]
+    firsts = [timed[i][0] for i in range(0, len(timed), 2)]
+    assert firsts == ["a", "b", "b", "a", "a", "b"]  # order flips call by call
+    assert result.outputs["a"] == ["a-0", "a-1"]
+    assert all(t is not None and t >= 0 for t in result.samples["b"]["ttft_s"])
+
+
+def test_summary_is_a_pure_function_of_samples():
+    def slow(item):
+        time.sleep(0.002)
+        return CallOutput(None, new_tokens=4, first_output_at=time.perf_counter())
+
+    def fast(item):
+        return CallOutput(None, new_tokens=4, first_output_at=time.perf_counter())
+
+    result = run_interleaved({"baseline": slow, "fast": fast}, n_items=3, repeats=4, warmup=0)
+    first = summarize_samples(result.samples)
+    again = summarize_samples({k: {c: list(v) for c, v in cols.items()} for k, cols in result.samples.items()})
+    assert first == again
+    assert first["comparison"]["speedup"] > 1.0
+    variant = first["variants"]["fast"]
+    assert variant["new_tokens_total"] == 3 * 4 * 4
+    assert variant["tokens_per_s"] == pytest.approx(48 / sum(result.samples["fast"]["latency_s"]))
+    assert variant["tpot_s"]["n"] == 12
+
+
+def test_peak_memory_sees_an_allocation():
+    tracker = PeakMemory("cpu")
+    if not tracker.cpu_supported:
+        pytest.skip("this kernel does not allow resetting the peak RSS")
+    tracker.start()
+    block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
+    block[::512] = 2.0
+    peak = tracker.stop()
+    del block
+    assert peak is not None and peak >= 48 * 1024 * 1024

@@ -1,0 +1,108 @@
+"""The contract test: every registered technique, run end to end on the quick zoo."""
+
+import copy
+
+import pytest
+import torch
+
+from workbench import runner, techniques
+from workbench.errors import NotApplicableError
+from workbench.models.loading import load_model
+from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
+from workbench.techniques.base import Technique, TechniqueParamError, UnknownTechniqueError
+
+EXAMPLES = [(name, example) for name in techniques.names() for example in techniques.get(name).examples]
+
+
+def spec_from_example(name: str, example: dict) -> RunSpec:
+    return RunSpec(
+        model=ModelSpec(example["model"]),
+        workload=WorkloadSpec(example["workload"], max_items=2, max_new_tokens=6,
+                              num_inference_steps=example.get("steps", 50)),
+        technique=TechniqueSpec(name, example.get("params", {}),
+                                ModelSpec(example["draft"]) if example.get("draft") else None),
+        repeats=2,
+        warmup=1,
+    )
+
+
+@pytest.mark.parametrize("name", techniques.names())
+def test_declares_the_contract(name):
+    cls = techniques.get(name)
+    assert issubclass(cls, Technique) and cls.name == name
+    assert cls.applies_to and set(cls.applies_to) <= {"causal_lm", "classifier", "diffusion"}
+    assert cls.description
+    assert cls.examples, f"technique {name} has no runnable example for the contract test"
+    technique = cls()
+    for kind in {"causal_lm", "classifier", "diffusion"} - set(cls.applies_to):
+        reason = technique.why_not(kind, spec_from_example(name, cls.examples[0]))
+        assert reason and kind in reason
+    with pytest.raises(TechniqueParamError, match="valid parameters"):
+        cls(no_such_param=1)
+
+
+@pytest.mark.parametrize("name, example", EXAMPLES, ids=[f"{n}-{e['model']}" for n, e in EXAMPLES])
+def test_runs_end_to_end_and_leaves_models_unchanged(quick_zoo, name, example):
+    spec = spec_from_example(name, example)
+    target = load_model(spec.model)
+    before = {k: v.clone() for k, v in (target.model.unet if target.kind == "diffusion" else target.model).state_dict().items()}
+    result = runner.run(spec, progress=False)
+    assert result.status == "ok", result.failure_reason
+    variants = result.summary["variants"]
+    assert set(variants) == {"baseline", name} or (name == "baseline" and len(variants) == 2)
+    for stats in variants.values():
+        assert stats["calls"] == 2 * 2 and stats["latency_s"]["median"] > 0
+    assert result.quality["inputs"] == 2
+    assert len(result.outputs) == 2
+    # the runner loaded its own copy; a fresh load must still match what is on disk
+    again = load_model(spec.model)
+    after = (again.model.unet if again.kind == "diffusion" else again.model).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_speculative_release_restores_the_draft_config(quick_zoo):
+    spec = spec_from_example("speculative", techniques.get("speculative").examples[0])
+    target, draft = load_model(spec.model), load_model(spec.technique.draft)
+    saved = copy.deepcopy(draft.model.generation_config.to_dict())
+    technique = techniques.get("speculative")(num_assistant_tokens=7)
+    technique.prepare(target, spec, draft)
+    assert draft.model.generation_config.num_assistant_tokens == 7
+    technique.release()
+    assert draft.model.generation_config.to_dict() == saved
+
+
+def test_speculative_is_lossless_on_the_zoo(quick_zoo):
+    spec = spec_from_example("speculative", techniques.get("speculative").examples[0])
+    result = runner.run(spec, progress=False)
+    assert result.quality["exact_match_rate"] == 1.0
+    assert result.internals["technique"]["target_forward_passes"] > 0
+    rows = result.outputs
+    assert all(row["baseline_tokens"] == row["technique_tokens"] for row in rows)
+
+
+def test_unknown_technique_lists_valid_names():
+    with pytest.raises(UnknownTechniqueError) as err:
+        techniques.get("speculativ")
+    message = str(err.value)
+    assert "did you mean 'speculative'" in message and "baseline" in message
+
+
+def test_speculative_why_not_before_loading(quick_zoo):
+    spec = RunSpec(ModelSpec("zoo:code-target"), WorkloadSpec("code-prompts", batch_size=2),
+                   TechniqueSpec("speculative", draft=ModelSpec("zoo:code-draft")))
+    with pytest.raises(NotApplicableError, match="batch size 1"):
+        runner.plan(spec)
+    no_draft = RunSpec(ModelSpec("zoo:code-target"), WorkloadSpec("code-prompts"), TechniqueSpec("speculative"))
+    with pytest.raises(NotApplicableError, match="--draft"):
+        runner.plan(no_draft)
+    on_classifier = RunSpec(ModelSpec("zoo:code-classifier"), WorkloadSpec("code-snippets"),
+                            TechniqueSpec("speculative", draft=ModelSpec("zoo:code-draft")))
+    with pytest.raises(NotApplicableError, match="classifier"):
+        runner.plan(on_classifier)
+
+
+def test_draft_larger_than_target_is_refused(quick_zoo):
+    spec = RunSpec(ModelSpec("zoo:code-draft"), WorkloadSpec("code-prompts", max_items=1),
+                   TechniqueSpec("speculative", draft=ModelSpec("zoo:code-target")), repeats=1)
+    result = runner.run(spec, progress=False)
+    assert result.status == "failed" and "not smaller than the target" in result.failure_reason

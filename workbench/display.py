@@ -1,0 +1,120 @@
+"""Display: turn a run's data into a table, text or HTML. Nothing here computes a statistic.
+
+Example:
+    >>> from workbench.display import format_speedup
+    >>> format_speedup({"speedup": 1.5, "ci_low": 1.4, "ci_high": 1.6, "verdict": "faster"})
+    '1.50x [1.40, 1.60] faster'
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import pandas as pd
+
+from workbench.measure import BASELINE
+
+
+def _ms(stats: dict[str, Any] | None, key: str = "median") -> float | None:
+    if not stats or stats.get(key) is None:
+        return None
+    return round(1000.0 * stats[key], 3)
+
+
+def _mb(nbytes: int | None) -> float | None:
+    return None if nbytes is None else round(nbytes / 1e6, 2)
+
+
+def format_speedup(comp: dict[str, Any]) -> str:
+    """'1.50x [1.40, 1.60] faster' — the point estimate, its 95% interval and the verdict."""
+    if not comp or comp.get("speedup") is None:
+        return "n/a"
+    if comp.get("ci_low") is None:
+        return f"{comp['speedup']:.2f}x (one pair: no interval)"
+    return f"{comp['speedup']:.2f}x [{comp['ci_low']:.2f}, {comp['ci_high']:.2f}] {comp['verdict']}"
+
+
+def quality_text(quality: dict[str, Any]) -> str:
+    """The headline quality figure in words."""
+    if "exact_match_rate" in quality:
+        n = quality["inputs"]
+        same = round(quality["exact_match_rate"] * n)
+        return f"identical output on {same}/{n} inputs, token agreement {quality['token_agreement']:.1%}"
+    if "accuracy_technique" in quality:
+        return (f"accuracy {quality['accuracy_technique']:.1%} vs {quality['accuracy_baseline']:.1%} "
+                f"({quality['accuracy_change_points']:+.1f} points), agreement {quality['agreement']:.1%}")
+    if "psnr_db_mean" in quality:
+        if quality.get("identical_rate") == 1.0:
+            return f"identical images on {quality['inputs']}/{quality['inputs']} inputs"
+        return f"PSNR {quality['psnr_db_mean']:.1f} dB vs baseline, identical on {quality['identical_rate']:.0%}"
+    return "no quality figure"
+
+
+def run_table(result: Any) -> pd.DataFrame:
+    """One row per variant: latency distribution, throughput, memory, speedup and quality."""
+    rows = []
+    variants = result.summary.get("variants", {})
+    for name, stats in variants.items():
+        comp = {} if name == BASELINE else result.summary.get("comparisons", {}).get(name, {})
+        row = {
+            "variant": name,
+            "latency_median_ms": _ms(stats["latency_s"]),
+            "latency_p90_ms": _ms(stats["latency_s"], "p90"),
+            "latency_cv_percent": None if stats["latency_s"]["cv_percent"] is None
+            else round(stats["latency_s"]["cv_percent"], 1),
+        }
+        if "tokens_per_s" in stats:
+            row.update(
+                tokens_per_s=round(stats["tokens_per_s"], 1),
+                ttft_median_ms=_ms(stats.get("ttft_s")),
+                tpot_median_ms=_ms(stats.get("tpot_s")),
+            )
+        row.update(
+            peak_memory_mb=_mb(stats.get("peak_memory_bytes")),
+            model_mb=_mb(stats.get("model_bytes")),
+            speedup_95ci="1.00x (reference)" if name == BASELINE else format_speedup(comp),
+            quality="reference" if name == BASELINE else quality_text(result.quality),
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_text(result: Any) -> str:
+    """A plain-text report of one run for the terminal."""
+    spec = result.spec
+    head = (f"{spec.technique.name} vs baseline | model {spec.model.name}"
+            + (f" (draft {spec.technique.draft.name})" if spec.technique.draft else "")
+            + f" | workload {spec.workload.name} | {spec.device} {spec.dtype} | "
+            f"{spec.repeats} repeats, {spec.warmup} warm-up")
+    lines = [head]
+    if result.summary.get("variants"):
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            lines.append(run_table(result).to_string(index=False))
+        comp = result.comparison
+        lines.append(f"speedup {format_speedup(comp)} (95% paired bootstrap CI over {comp.get('pairs')} calls); "
+                     f"quality: {quality_text(result.quality)}")
+        internals = result.internals.get("technique") or {}
+        if internals:
+            lines.append("internals: " + ", ".join(f"{k}={_short(v)}" for k, v in internals.items()))
+    lines.append(f"status: {result.status}" + (f" ({result.failure_reason})" if result.failure_reason else "")
+                 + f" | run {result.run_id}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def run_html(result: Any) -> str:
+    """HTML for notebooks: the table plus the speedup and quality lines, all strings escaped."""
+    parts = [f"<p><b>{html.escape(result.spec.technique.name)}</b> vs baseline on "
+             f"<code>{html.escape(result.spec.model.name)}</code> — status {html.escape(result.status)}"]
+    if result.failure_reason:
+        parts.append(f": {html.escape(result.failure_reason)}")
+    parts.append("</p>")
+    if result.summary.get("variants"):
+        parts.append(run_table(result).to_html(index=False, escape=True))
+        parts.append(f"<p>speedup {html.escape(format_speedup(result.comparison))} (95% CI); "
+                     f"{html.escape(quality_text(result.quality))}</p>")
+    return "".join(parts)

@@ -1,0 +1,12 @@
+"""Techniques as plug-ins: one file each, one contract, registered by name.
+
+Example:
+    >>> from workbench import techniques
+    >>> "baseline" in techniques.names()
+    True
+"""
+
+from workbench.techniques import baseline, speculative  # noqa: F401  (registers them)
+from workbench.techniques.base import Param, Technique, get, names, register
+
+__all__ = ["Param", "Technique", "get", "names", "register"]

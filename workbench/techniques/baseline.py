@@ -1,0 +1,39 @@
+"""The baseline: the model as it is, run the ordinary way. Every comparison is against it.
+
+Example:
+    >>> from workbench.techniques.baseline import Baseline
+    >>> Baseline().why_not("causal_lm", spec=None) is None
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workbench.measure import CallOutput
+from workbench.techniques._execute import run_plain
+from workbench.techniques.base import Technique, register
+
+
+@register
+class Baseline(Technique):
+    """Runs the unmodified model: greedy ``generate``, a plain forward pass, or the pipeline as is."""
+
+    name = "baseline"
+    applies_to = ("causal_lm", "classifier", "diffusion")
+    description = "the model as it is; the reference every technique is measured against"
+    examples = (
+        {"model": "zoo:code-draft", "workload": "code-prompts"},
+        {"model": "zoo:code-classifier", "workload": "code-snippets"},
+        {"model": "zoo:digits-diffusion", "workload": "digits", "steps": 4},
+    )
+
+    @property
+    def lossless(self) -> bool:
+        return True
+
+    def prepare(self, model: Any, spec: Any, draft: Any = None) -> None:
+        self._model, self._spec = model, spec
+
+    def run(self, batch: Any) -> CallOutput:
+        return run_plain(self._model, batch, self._spec)

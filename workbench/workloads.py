@@ -1,0 +1,220 @@
+"""Workloads: the inputs both variants see, seeded and in the same order.
+
+A workload is a built-in name (``code-prompts``, ``code-snippets``, ``digits``) or a JSONL file with
+one JSON object per line:
+
+- text generation: ``{"prompt": "def add(a, b):"}``
+- text classification: ``{"text": "import asyncio", "label": 1}`` (label: index or label name)
+- image generation: ``{"class_label": 3}`` (class-conditional) or ``{"prompt": "a red car"}``
+
+Example:
+    >>> from workbench.specs import WorkloadSpec
+    >>> wl = load_workload(WorkloadSpec("code-prompts", max_items=2))  # doctest: +SKIP
+    >>> wl.modality, len(wl.items)  # doctest: +SKIP
+    ('text-generation', 2)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkloadError
+from workbench.specs import WorkloadSpec
+
+MODALITY_FOR_KIND = {
+    "causal_lm": "text-generation",
+    "classifier": "text-classification",
+    "diffusion": "image-generation",
+}
+_DEFAULT_ITEMS = 16  # inputs of a built-in workload when max_items is None
+
+
+@dataclass
+class Workload:
+    """Inputs of one modality, in run order."""
+
+    name: str  # the built-in name or file path it came from
+    modality: str  # text-generation | text-classification | image-generation
+    items: list[dict[str, Any]]  # one dict per input (keys as in the JSONL format)
+    description: str = ""  # where the inputs come from, for reports
+
+
+@dataclass
+class Batch:
+    """Model-ready inputs for one call (``size`` inputs)."""
+
+    size: int  # inputs in this batch
+    inputs: dict[str, Any] = field(default_factory=dict)  # tensors for the model: input_ids (B, T), ...
+    texts: list[str] = field(default_factory=list)  # prompts or texts, for outputs and reports
+    labels: list[int] | None = None  # gold labels (classification)
+    class_labels: list[int] | None = None  # classes to draw (class-conditional diffusion)
+    prompts: list[str] | None = None  # text prompts (text-to-image diffusion)
+    seeds: list[int] = field(default_factory=list)  # one seed per input (diffusion noise, sampling)
+
+
+def _code_prompts(n: int, seed: int) -> list[dict[str, Any]]:
+    from workbench import datasets
+
+    return [{"prompt": p} for p in datasets.code_prompts(n, seed=seed)]
+
+
+def _code_snippets(n: int, seed: int) -> list[dict[str, Any]]:
+    from workbench import datasets
+
+    return [{"text": t, "label": y} for t, y in datasets.code_snippets("test", n=n, seed=seed)]
+
+
+def _digits(n: int, seed: int) -> list[dict[str, Any]]:
+    return [{"class_label": (seed + i) % 10} for i in range(n)]
+
+
+BUILTIN: dict[str, tuple[str, Callable[[int, int], list[dict[str, Any]]], str]] = {
+    "code-prompts": ("text-generation", _code_prompts,
+                     "Python function openings from held-out standard-library files"),
+    "code-snippets": ("text-classification", _code_snippets,
+                      "held-out standard-library snippets labelled with their package area"),
+    "digits": ("image-generation", _digits, "digit classes 0-9 in turn, one seed each"),
+}
+
+
+def load_workload(spec: WorkloadSpec) -> Workload:
+    """The inputs a workload spec names (built-in or JSONL), cut to ``max_items``.
+
+    Raises:
+        WorkloadError: unknown name, missing file, or a bad line (with its number and the fix).
+    """
+    if spec.name in BUILTIN:
+        modality, make, description = BUILTIN[spec.name]
+        items = make(spec.max_items or _DEFAULT_ITEMS, spec.seed)
+        return Workload(spec.name, modality, items, description)
+    path = Path(spec.name).expanduser()
+    if path.suffix != ".jsonl" and not path.exists():
+        raise WorkloadError(
+            f"workload {spec.name!r} is neither a built-in ({', '.join(BUILTIN)}) nor a .jsonl file"
+        )
+    if not path.is_file():
+        raise WorkloadError(f"workload file {spec.name!r} does not exist: check the path")
+    items = read_jsonl(path)
+    modality = _modality_of(items, path)
+    if spec.max_items is not None:
+        items = items[: spec.max_items]
+    return Workload(str(path), modality, items, f"{len(items)} inputs from {path.name}")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Parse a JSONL workload file; each bad line raises with its line number."""
+    items: list[dict[str, Any]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise WorkloadError(f"workload file {str(path)!r} is not UTF-8 text: save it as UTF-8 JSONL") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise WorkloadError(
+                f"{path}:{number}: not valid JSON ({exc.msg}): write one object per line, "
+                'e.g. {"prompt": "def add(a, b):"}'
+            ) from None
+        if not isinstance(item, dict):
+            raise WorkloadError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
+        _check_item(item, path, number)
+        items.append(item)
+    if not items:
+        raise WorkloadError(f"workload file {str(path)!r} has no inputs: add one JSON object per line")
+    return items
+
+
+def _check_item(item: dict[str, Any], path: Path, number: int) -> None:
+    if "text" in item:
+        if not isinstance(item["text"], str) or "label" not in item:
+            raise WorkloadError(f'{path}:{number}: a classification line needs "text" (string) and "label"')
+        if not isinstance(item["label"], (int, str)) or isinstance(item["label"], bool):
+            raise WorkloadError(f'{path}:{number}: "label" must be an index or a label name')
+    elif "class_label" in item:
+        if not isinstance(item["class_label"], int) or isinstance(item["class_label"], bool):
+            raise WorkloadError(f'{path}:{number}: "class_label" must be an integer class index')
+    elif "prompt" in item:
+        if not isinstance(item["prompt"], str) or not item["prompt"]:
+            raise WorkloadError(f'{path}:{number}: "prompt" must be a non-empty string')
+    else:
+        raise WorkloadError(
+            f'{path}:{number}: no "prompt", "text" or "class_label" key (keys: {sorted(item)}): '
+            'use {"prompt": ...} for generation, {"text": ..., "label": ...} for classification'
+        )
+
+
+def _modality_of(items: list[dict[str, Any]], path: Path) -> str:
+    def one(item: dict[str, Any]) -> str:
+        if "text" in item:
+            return "text-classification"
+        if "class_label" in item:
+            return "image-generation"
+        return "text-generation"  # a prompt: text generation, or text-to-image for a diffusion model
+
+    first = one(items[0])
+    for number, item in enumerate(items, start=1):
+        if one(item) != first:
+            raise WorkloadError(f"{path}: line {number} is a {one(item)} input but line 1 is {first}: "
+                                "keep one kind of input per file")
+    return first
+
+
+def check_compatible(workload: Workload, kind: str) -> None:
+    """Raise when the workload's inputs do not suit the model kind."""
+    expected = MODALITY_FOR_KIND[kind]
+    ok = workload.modality == expected or (kind == "diffusion" and workload.modality == "text-generation")
+    if not ok:
+        raise WorkloadError(
+            f"workload {workload.name!r} holds {workload.modality} inputs but the model is a {kind}: "
+            f"use a {expected} workload (built-ins: "
+            f"{', '.join(n for n, (m, _, _) in BUILTIN.items() if m == expected)})"
+        )
+
+
+def make_batches(workload: Workload, loaded: Any, spec: WorkloadSpec) -> list[Batch]:
+    """Tokenise or arrange the inputs into batches of ``spec.batch_size`` on the model's device."""
+    check_compatible(workload, loaded.kind)
+    batches = []
+    for start in range(0, len(workload.items), spec.batch_size):
+        chunk = workload.items[start : start + spec.batch_size]
+        seeds = [spec.seed * 100_003 + start + i for i in range(len(chunk))]
+        batches.append(_make_batch(chunk, loaded, seeds))
+    return batches
+
+
+def _make_batch(chunk: list[dict[str, Any]], loaded: Any, seeds: list[int]) -> Batch:
+    tok = loaded.tokenizer
+    if loaded.kind == "causal_lm":
+        texts = [item["prompt"] for item in chunk]
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"  # generation continues from the right edge
+        enc = tok(texts, return_tensors="pt", padding=True)
+        return Batch(len(chunk), {k: v.to(loaded.device) for k, v in enc.items()}, texts, seeds=seeds)
+    if loaded.kind == "classifier":
+        texts = [item["text"] for item in chunk]
+        labels = [_label_index(item["label"], loaded) for item in chunk]
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
+        return Batch(len(chunk), {k: v.to(loaded.device) for k, v in enc.items()}, texts, labels=labels,
+                     seeds=seeds)
+    if "class_label" in chunk[0]:
+        labels = [int(item["class_label"]) for item in chunk]
+        return Batch(len(chunk), texts=[f"class {c}" for c in labels], class_labels=labels, seeds=seeds)
+    prompts = [item["prompt"] for item in chunk]
+    return Batch(len(chunk), texts=prompts, prompts=prompts, seeds=seeds)
+
+
+def _label_index(label: int | str, loaded: Any) -> int:
+    if isinstance(label, int):
+        return label
+    label2id = getattr(loaded.model.config, "label2id", {}) or {}
+    if label not in label2id:
+        raise WorkloadError(f"label {label!r} is not one of the model's labels {sorted(label2id)}")
+    return int(label2id[label])
