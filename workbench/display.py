@@ -69,6 +69,8 @@ def run_table(result: Any) -> pd.DataFrame:
                 tokens_per_s=round(stats["tokens_per_s"], 1),
                 ttft_median_ms=_ms(stats.get("ttft_s")),
                 tpot_median_ms=_ms(stats.get("tpot_s")),
+                roofline_percent=None if stats.get("roofline_fraction") is None
+                else round(100.0 * stats["roofline_fraction"], 2),
             )
         row.update(
             peak_memory_mb=_mb(stats.get("peak_memory_bytes")),

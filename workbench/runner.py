@@ -190,9 +190,9 @@ def _measure(plan_: Plan, technique: Technique, baseline: Baseline, result: RunR
     batches = make_batches(plan_.workload, model, spec.workload)
     baseline.prepare(model, spec)
     technique.prepare(model, spec, draft)
-    calls = {BASELINE: lambda i: baseline.run(batches[i]), spec.technique.name: lambda i: technique.run(batches[i])}
-    if spec.technique.name == BASELINE:  # baseline against itself: an A/A check of the harness
-        calls = {BASELINE: calls[BASELINE], "baseline_again": lambda i: baseline.run(batches[i])}
+    # Baseline against itself is an A/A check of the harness: the second copy gets its own name.
+    other = "baseline_again" if spec.technique.name == BASELINE else spec.technique.name
+    calls = {BASELINE: lambda i: baseline.run(batches[i]), other: lambda i: technique.run(batches[i])}
 
     def reseed(variant: str, item: int) -> None:
         torch.manual_seed(spec.seed * 1_000_003 + item)
@@ -203,13 +203,13 @@ def _measure(plan_: Plan, technique: Technique, baseline: Baseline, result: RunR
         measured = run_interleaved(calls, len(batches), spec.repeats, spec.warmup, spec.device,
                                    before_call=reseed, on_progress=bar.update)
     # 4. Statistics, quality and internals.
-    other = [name for name in calls if name != BASELINE][0]
     result.samples = measured.samples
     result.summary = summarize_samples(measured.samples, seed=spec.seed)
     labels = [y for b in batches for y in (b.labels or [])]
     result.quality = quality.compare(model.kind, measured.outputs[BASELINE], measured.outputs[other], labels)
     result.internals["technique"] = technique.internals(measured.internals[other])
     _add_model_bytes(result, model, draft, other)
+    _add_roofline(result, other)
     result.outputs = _outputs(model, batches, measured.outputs[BASELINE], measured.outputs[other])
     result.status = "ok"
     # 5. A lossless technique whose output differs from the baseline's is a failed run.
@@ -225,6 +225,25 @@ def _add_model_bytes(result: RunResult, model: LoadedModel, draft: LoadedModel |
     variants[BASELINE]["model_bytes"] = model.info["model_bytes"]
     reported = result.internals.get("technique", {}).get("model_bytes")
     variants[other]["model_bytes"] = reported or model.info["model_bytes"] + (draft.info["model_bytes"] if draft else 0)
+
+
+def _add_roofline(result: RunResult, other: str) -> None:
+    """How close decoding runs to the memory-bandwidth limit: tokens/s x bytes read per token / bandwidth.
+
+    Batch-1 decoding reads every weight once per forward pass, so the bytes read per token are the
+    model's bytes (or, for a technique that reports it, its own figure, e.g. target plus draft reads
+    over the tokens they produced). 1.0 is the physical limit of this machine's measured bandwidth.
+    """
+    bandwidth = result.environment.get("gpu_memory_bandwidth_bytes_per_s") if result.spec.device.startswith("cuda") \
+        else result.environment.get("memory_bandwidth_bytes_per_s")
+    variants = result.summary["variants"]
+    for name, stats in variants.items():
+        if not bandwidth or stats.get("tokens_per_s") is None or result.spec.workload.batch_size != 1:
+            continue
+        per_token = result.internals.get("technique", {}).get("bytes_read_per_token") if name == other else None
+        per_token = per_token or result.internals["model_info"]["model_bytes"]
+        stats["bytes_read_per_token"] = per_token
+        stats["roofline_fraction"] = stats["tokens_per_s"] * per_token / bandwidth
 
 
 def _outputs(model: LoadedModel, batches: list, base: list[CallOutput], tech: list[CallOutput]) -> list[dict]:

@@ -122,6 +122,8 @@ class Speculative(Technique):
         draft = sum(c["draft_forward_passes"] for c in per_call)
         tokens = sum(c["new_tokens"] or 0 for c in per_call)
         accepted = tokens - target  # each target pass emits its accepted draft tokens plus one of its own
+        target_bytes = self._model.info["model_bytes"]
+        draft_bytes = self._draft.info["model_bytes"] if self._draft is not None else 0
         return {
             "implementation": "transformers assisted generation",
             "draft_source": "prompt lookup" if self._draft is None else self._draft.spec.name,
@@ -129,6 +131,7 @@ class Speculative(Technique):
             "draft_forward_passes": draft,
             "tokens_per_target_pass": tokens / target if target else None,
             "accepted_per_draft_pass": (accepted / draft) if draft else None,
+            "bytes_read_per_token": (target * target_bytes + draft * draft_bytes) / tokens if tokens else None,
         }
 
     def release(self) -> None:
