@@ -13,8 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private WORKBENCH_DATA for the session, so tests never touch the user's store or zoo."""
-    path = tmp_path_factory.mktemp("workbench-data")
+    """A private WORKBENCH_DATA for the session, so tests never touch the user's store or zoo.
+
+    Set WORKBENCH_TEST_DATA to a folder to keep the quick zoo between sessions (for development).
+    """
+    keep = os.environ.get("WORKBENCH_TEST_DATA")
+    path = Path(keep) if keep else tmp_path_factory.mktemp("workbench-data")
     old = os.environ.get("WORKBENCH_DATA")
     os.environ["WORKBENCH_DATA"] = str(path)
     yield path

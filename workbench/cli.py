@@ -106,11 +106,10 @@ def zoo_list() -> None:
 
 
 def _zoo_line(record: Any) -> str:
-    data = record if isinstance(record, dict) else record.__dict__
-    loss = data.get("final_loss")
-    return (f"zoo:{data['name']:<18} {data['kind']:<11} {data.get('parameters', 0):>11,} params  "
-            f"{'quick' if data.get('quick') else 'full '}  steps {data.get('steps')}  "
-            f"loss {loss if loss is None else round(loss, 3)}  {data.get('seconds', 0):.0f}s")
+    loss = "n/a" if record.final_loss is None else f"{record.final_loss:.3f}"
+    return (f"zoo:{record.name:<17} {record.kind:<10} {record.parameter_count:>11,} params  "
+            f"{'quick' if record.quick else 'full '}  {record.steps:>5} steps  final loss {loss}  "
+            f"{record.train_seconds:5.0f} s  {record.description}")
 
 
 @app.command("run")

@@ -201,7 +201,8 @@ def _make_batch(chunk: list[dict[str, Any]], loaded: Any, seeds: list[int]) -> B
     if loaded.kind == "classifier":
         texts = [item["text"] for item in chunk]
         labels = [_label_index(item["label"], loaded) for item in chunk]
-        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
+        limit = min(512, getattr(loaded.model.config, "max_position_embeddings", 512) or 512)
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=limit)
         return Batch(len(chunk), {k: v.to(loaded.device) for k, v in enc.items()}, texts, labels=labels,
                      seeds=seeds)
     if "class_label" in chunk[0]:
