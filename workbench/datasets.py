@@ -163,9 +163,11 @@ def code_files(split: Split, max_chars: int | None = None, seed: int = 0) -> lis
 def code_prompts(n: int, seed: int = 0) -> list[str]:
     """Prompts for code generation: a function's signature plus its first lines, from held-out files.
 
-    Each prompt is a function (or method, dedented) from a held-out stdlib file, cut after a whole
-    line, 100-400 characters long, always including at least one body line after the signature,
-    ending with a newline so the model continues on a fresh line.
+    Each prompt is a function (or method, dedented) from a held-out stdlib file, cut where a
+    statement ends (never inside a docstring or a multi-line call), 100-400 characters long,
+    always including at least one body statement. It ends without the newline, like a cursor at the end of a line: byte-level BPE
+    merges a newline with the next line's indentation, so a bare trailing newline would be an
+    unnatural token boundary.
 
     Args:
         n: how many prompts (distinct functions).
@@ -204,20 +206,23 @@ def _prompt_candidates(seed: int) -> list[str]:
 
 
 def _function_prompt(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
-    """The function's lines from ``def`` on, whole lines, 100-400 chars, or None if impossible."""
+    """The function from ``def`` to the end of its last statement that fits in 400 chars, or None.
+
+    Cuts only where a statement ends (never inside a docstring or a multi-line call) and only after
+    at least one body statement; the result (dedented) must be 100-400 characters.
+    """
     first = node.lineno - 1  # decorators are left out: prompts start at ``def``
-    body_start = node.body[0].lineno - 1
-    end = node.end_lineno or node.lineno
-    text, last_line = "", first
-    for i in range(first, end):
-        if len(text) + len(lines[i]) > 400:
+    statement_ends = sorted(
+        {child.end_lineno for child in ast.walk(node) if isinstance(child, ast.stmt) and child is not node
+         and child.end_lineno is not None}
+    )
+    best = None
+    for end in statement_ends:  # 1-based, inclusive
+        prompt = textwrap.dedent("".join(lines[first:end])).rstrip()
+        if len(prompt) > 400:
             break
-        text += lines[i]
-        last_line = i
-    if last_line < body_start or len(text) < 100:
-        return None
-    text = textwrap.dedent(text)
-    return text if text.endswith("\n") else text + "\n"
+        best = prompt
+    return best if best is not None and len(best) >= 100 else None
 
 
 # --------------------------------------------------------------------------- code-area snippets
