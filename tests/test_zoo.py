@@ -156,6 +156,8 @@ def test_rebuild_is_a_no_op(zoo_root):
 def test_force_rebuilds_the_model_and_its_dependents(data_root, tmp_path):
     root = tmp_path / "zoo"
     shutil.copytree(data_root / "zoo", root)
+    abandoned = root / ".building-digits-judge-999999999-x1y2"  # left by a killed build (no such pid)
+    (abandoned / "unet").mkdir(parents=True)
     before = {r.name: r.built_at for r in zoo.list_models(root)}
     records = {r.name: r for r in zoo.build(quick=True, root=root, names=["digits-judge"], force=True, progress=False)}
     assert set(records) == {"digits-judge"}
@@ -165,6 +167,7 @@ def test_force_rebuilds_the_model_and_its_dependents(data_root, tmp_path):
     assert rebuilt.built_at != before["digits-diffusion"]
     assert rebuilt.depends_on == {"digits-judge": records["digits-judge"].built_at}
     assert zoo.record("code-target", root).built_at == before["code-target"]
+    assert not abandoned.exists()
 
 
 def test_failed_build_leaves_nothing_that_looks_finished(tmp_path):

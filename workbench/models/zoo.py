@@ -283,6 +283,7 @@ def build(
     root = _root(root)
     root.mkdir(parents=True, exist_ok=True)
     order = _with_dependencies(wanted)
+    _remove_abandoned_folders(root)
 
     # 2. Build in dependency order; a model built on a kept full-size dependency is built full-size
     contexts = {q: _BuildContext(quick=q, seed=seed, root=root, progress=progress, recipes=_recipes(q))
@@ -363,7 +364,7 @@ def _build_one(name: str, ctx: _BuildContext, deps: dict[str, str]) -> ZooRecord
     """Train ``name`` into a temporary folder, write its record, then move it into place."""
     start = time.perf_counter()
     final = ctx.root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".building-{name}-", dir=ctx.root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".building-{name}-{os.getpid()}-", dir=ctx.root))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished model is as readable as its files
     try:
         torch.manual_seed(ctx.seed)
@@ -384,10 +385,29 @@ def _build_one(name: str, ctx: _BuildContext, deps: dict[str, str]) -> ZooRecord
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_abandoned_folders(root: Path) -> None:
+    """Delete temporary folders left by builds that were killed (their process no longer exists)."""
+    for path in [*root.glob(".building-*"), *root.glob(".old-*")]:
+        parts = path.name.split("-")  # .building-<name>-<pid>-<random>; mkdtemp's random has no "-"
+        pid = int(parts[-2]) if len(parts) >= 4 and parts[-2].isdigit() else None
+        if pid is not None and pid != os.getpid() and not _process_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
     old = None
     if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-{os.getpid()}-", dir=final.parent))
         os.replace(final, old / final.name)
     os.replace(tmp, final)
     if old is not None:
