@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import sys
 from typing import Any, Optional
 
@@ -27,19 +26,11 @@ zoo_app = typer.Typer(no_args_is_help=True, help="The offline tiny model zoo, tr
 app.add_typer(zoo_app, name="zoo")
 
 
-def _json_ready(value: Any) -> Any:
-    """NaN and infinity become None, so the output is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
-
-
 def _dump(value: Any) -> str:
-    return json.dumps(_json_ready(value), indent=2, default=str, allow_nan=False)
+    """Strict JSON: NaN and infinity become null (the store's own conversion)."""
+    from workbench.store import json_safe
+
+    return json.dumps(json_safe(value), indent=2, default=str, allow_nan=False)
 
 
 def _open_store(url: Optional[str]) -> Any:
