@@ -96,12 +96,40 @@ def run_text(result: Any) -> str:
         comp = result.comparison
         lines.append(f"speedup {format_speedup(comp)} (95% paired bootstrap CI over {comp.get('pairs')} calls); "
                      f"quality: {quality_text(result.quality)}")
-        internals = result.internals.get("technique") or {}
-        if internals:
-            lines.append("internals: " + ", ".join(f"{k}={_short(v)}" for k, v in internals.items()))
+        lines.extend(technique_lines(result))
     lines.append(f"status: {result.status}" + (f" ({result.failure_reason})" if result.failure_reason else "")
                  + f" | run {result.run_id}")
     return "\n".join(lines)
+
+
+_SHOWN_APART = ("acceptance_by_position", "threshold_curve", "operating_point", "exit_layer_histogram")
+
+
+def technique_lines(result: Any) -> list[str]:
+    """What the technique did, in words: acceptance and predicted speedup, exit curves, the rest as key=value."""
+    internals = result.internals.get("technique") or {}
+    lines = []
+    positions = internals.get("acceptance_by_position")
+    if positions:
+        rates = "  ".join(f"{p['position']}: {p['accepted']}/{p['proposed']}" + (f" ({p['rate']:.0%})" if p["rate"]
+                          is not None else "") for p in positions)
+        lines.append(f"acceptance by draft position  {rates}")
+    if internals.get("predicted_speedup") is not None:
+        lines.append(f"speedup measured {format_speedup(result.comparison)}, predicted by theory "
+                     f"{internals['predicted_speedup']:.2f}x from acceptance rate a={internals['acceptance_rate']:.2f}, "
+                     f"draft length g={internals['mean_draft_tokens']:.2f}, cost ratio c={internals['cost_ratio_c']:.3f}")
+    curve = internals.get("threshold_curve")
+    if curve:
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            lines.append("threshold curve (measured side by side before the timed run):")
+            lines.append(pd.DataFrame(curve).round(4).to_string(index=False))
+        point = internals.get("operating_point")
+        if point:
+            lines.append("operating point: " + ", ".join(f"{k}={_short(v)}" for k, v in point.items()))
+    rest = {k: v for k, v in internals.items() if k not in _SHOWN_APART}
+    if rest:
+        lines.append("internals: " + ", ".join(f"{k}={_short(v)}" for k, v in rest.items()))
+    return lines
 
 
 def _short(value: Any) -> str:
@@ -119,4 +147,7 @@ def run_html(result: Any) -> str:
         parts.append(run_table(result).to_html(index=False, escape=True))
         parts.append(f"<p>speedup {html.escape(format_speedup(result.comparison))} (95% CI); "
                      f"{html.escape(quality_text(result.quality))}</p>")
+        extra = technique_lines(result)
+        if extra:
+            parts.append(f"<pre>{html.escape(chr(10).join(extra))}</pre>")
     return "".join(parts)

@@ -125,15 +125,22 @@ def plan(spec: RunSpec) -> Plan:
     # 2. The workload file parses (line numbers on bad lines).
     workload = load_workload(spec.workload)
     # 3. The model (and draft) can be found, and the kinds fit.
-    kind = detect_kind(resolve_location(spec.model))
+    location = resolve_location(spec.model)
+    kind = detect_kind(location)
     check_compatible(workload, kind)
     reason = technique.why_not(kind, spec)
     if reason:
         raise NotApplicableError(reason)
+    draft_location = None
     if spec.technique.draft is not None:
         if not technique.needs_draft:
             raise NotApplicableError(f"technique {technique.name!r} takes no draft model: drop --draft")
-        detect_kind(resolve_location(spec.technique.draft))
+        draft_location = resolve_location(spec.technique.draft)
+        detect_kind(draft_location)
+    # 4. What the files alone can tell (tokenizers, sizes, layer counts), still before any weight loads.
+    reason = technique.why_not_located(location, draft_location)
+    if reason:
+        raise NotApplicableError(reason)
     if spec.device.startswith("cuda"):
         import torch
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from workbench.errors import WorkbenchError
@@ -90,6 +91,10 @@ class Technique(ABC):
         if kind not in self.applies_to:
             return (f"technique {self.name!r} applies to {', '.join(self.applies_to)} models, "
                     f"not to a {kind} model")
+        return None
+
+    def why_not_located(self, model_path: Path, draft_path: Path | None) -> str | None:
+        """Checks that need the model's files but not its weights (configs, tokenizers); None when fine."""
         return None
 
     def why_not_loaded(self, model: LoadedModel, draft: LoadedModel | None) -> str | None:

@@ -1,70 +1,127 @@
-"""Speculative decoding through Hugging Face assisted generation (the reference users know).
+"""Speculative decoding, two ways: the workbench's own loop and Hugging Face assisted generation.
 
-A cheap draft model proposes ``num_assistant_tokens`` tokens; the target checks them all in one
-forward pass and keeps the longest agreeing prefix plus one token of its own. With greedy decoding the
-output must equal the target's own greedy output token for token (the run fails otherwise), so the
-speed figure always comes with proof that quality is unchanged. Without a draft, ``prompt_lookup``
-proposes tokens by matching n-grams of the prompt (no second model).
+A cheap drafter proposes tokens; the target checks them all in one forward pass and keeps the longest
+acceptable prefix plus one token of its own. Drafters: a separate draft model (``--draft``), n-gram
+prompt lookup (``prompt_lookup_num_tokens``, no second model), or self-speculation with the target's
+own first layers (``draft_layers``). With greedy decoding the output must equal the target's own
+greedy output token for token (the run fails otherwise), so every speed figure comes with proof that
+quality is unchanged.
+
+``implementation=workbench`` (default) runs :mod:`workbench.techniques._speculative_loop`, which
+reports acceptance per draft position, tokens per target pass, the draft/target cost ratio c and the
+speedup theory predicts. ``implementation=hf`` runs ``generate(assistant_model=...)``, the reference
+users already know; it exposes only forward-pass counts.
 
 Example:
     >>> from workbench.techniques.speculative import Speculative
     >>> Speculative(num_assistant_tokens=4).lossless
     True
+    >>> Speculative(implementation="hf", do_sample=True).lossless
+    False
 """
 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
-from workbench.measure import CallOutput
+import torch
+
+from workbench.measure import CallOutput, synchronize
 from workbench.techniques._execute import generate
+from workbench.techniques._speculative_loop import (SCHEDULES, LookupDrafter, ModelDrafter, SelfDrafter,
+                                                    speculative_generate, theoretical_speedup)
 from workbench.techniques.base import Param, Technique, register
 
 
 @register
 class Speculative(Technique):
-    """Assisted generation with a draft model (``--draft``) or prompt lookup (no draft)."""
+    """Draft-then-verify decoding with a draft model, prompt lookup or the target's own first layers."""
 
     name = "speculative"
     applies_to = ("causal_lm",)
     needs_draft = True
-    description = "a draft model (or prompt n-grams) proposes tokens, the target verifies them in one pass"
+    description = "a draft model, prompt n-grams or the target's first layers propose tokens; the target verifies them in one pass"
     examples = (
         {"model": "zoo:code-target", "draft": "zoo:code-draft", "workload": "code-prompts",
          "params": {"num_assistant_tokens": 4}},
+        {"model": "zoo:code-target", "draft": "zoo:code-draft", "workload": "code-prompts",
+         "params": {"implementation": "hf", "num_assistant_tokens": 4}},
         {"model": "zoo:code-target", "workload": "code-prompts", "params": {"prompt_lookup_num_tokens": 5}},
+        {"model": "zoo:code-target", "workload": "code-prompts",
+         "params": {"draft_layers": 1, "schedule": "heuristic_transient"}},
     )
     params = {
-        "num_assistant_tokens": Param(int, 5, "tokens drafted per target pass; more pays off only when most are accepted",
-                                      minimum=1),
-        "schedule": Param(str, "constant", "draft length policy: constant, or heuristic_transient (grow on full "
-                          "acceptance, shrink on a miss, reset per call)", choices=("constant", "heuristic_transient")),
-        "confidence_threshold": Param(float, 0.0, "the draft stops early below this confidence; 0 drafts the full length",
-                                      minimum=0.0),
-        "prompt_lookup_num_tokens": Param(int, None, "draft by prompt n-gram lookup instead of a draft model: tokens per "
-                                          "proposal (repetitive prompts benefit most)", minimum=1),
+        "implementation": Param(str, "workbench", "workbench: own loop with acceptance per position and the "
+                                "theoretical speedup; hf: transformers assisted generation",
+                                choices=("workbench", "hf")),
+        "num_assistant_tokens": Param(int, 4, "tokens drafted per target pass; more pays off only when most "
+                                      "are accepted", minimum=1),
+        "schedule": Param(str, "constant", "draft length policy: constant, or heuristic_transient (grow by 2 on "
+                          "full acceptance, shrink by 1 on a miss, reset per call)", choices=SCHEDULES),
+        "confidence_threshold": Param(float, 0.0, "the draft stops early below this confidence; 0 drafts the full "
+                                      "length", minimum=0.0),
+        "prompt_lookup_num_tokens": Param(int, None, "draft by prompt n-gram lookup instead of a draft model: "
+                                          "tokens per proposal (repetitive prompts benefit most)", minimum=1),
+        "draft_layers": Param(int, None, "self-speculation: draft with the target's own first k layers and its LM "
+                              "head (no second model)", minimum=1),
         "do_sample": Param(bool, False, "sample instead of greedy; sampled outputs are not compared token for token"),
+        "temperature": Param(float, 1.0, "sampling temperature (only with do_sample=true)", minimum=1e-3),
     }
 
     @property
     def lossless(self) -> bool:
         return not self.config["do_sample"]
 
+    # -- applicability -----------------------------------------------------------------------------
     def why_not(self, kind: str, spec: Any) -> str | None:
         reason = super().why_not(kind, spec)
         if reason:
             return reason
+        impl = self.config["implementation"]
         if spec.workload.batch_size != 1:
-            return (f"speculative decoding (HF assisted generation) runs batch size 1 only, not "
+            what = "HF assisted generation" if impl == "hf" else "the workbench loop"
+            return (f"speculative decoding ({what}) runs batch size 1 only, not "
                     f"batch_size={spec.workload.batch_size}: set batch_size=1")
-        has_draft = spec.technique.draft is not None
-        lookup = self.config["prompt_lookup_num_tokens"] is not None
-        if not has_draft and not lookup:
-            return ("speculative decoding needs a draft model or prompt lookup: pass --draft MODEL "
-                    "(e.g. zoo:code-draft) or --param prompt_lookup_num_tokens=10")
-        if has_draft and lookup:
-            return "give either --draft or prompt_lookup_num_tokens, not both"
+        sources = [name for name, given in (("--draft", spec.technique.draft is not None),
+                                            ("prompt_lookup_num_tokens", self.config["prompt_lookup_num_tokens"]),
+                                            ("draft_layers", self.config["draft_layers"])) if given]
+        if not sources:
+            return ("speculative decoding needs a drafter: pass --draft MODEL (e.g. zoo:code-draft), "
+                    "--param prompt_lookup_num_tokens=10, or --param draft_layers=2")
+        if len(sources) > 1:
+            return f"give one drafter, not {' and '.join(sources)}"
+        return None
+
+    def why_not_located(self, model_path: Path, draft_path: Path | None) -> str | None:
+        """Checks from the files alone (configs, tokenizers, weight sizes), before any weight loads."""
+        layers = self.config["draft_layers"]
+        if layers is not None:
+            total = _config_layers(model_path)
+            if total is not None and layers >= total:
+                return f"draft_layers={layers} but the target has {total} layers: use 1 to {total - 1}"
+        if draft_path is None:
+            return None
+        from transformers import AutoTokenizer
+
+        from workbench.models.loading import detect_kind
+
+        if detect_kind(draft_path) != "causal_lm":
+            return f"draft {str(draft_path)!r} is a {detect_kind(draft_path)} model: the draft must be a causal LM"
+        try:
+            same = (AutoTokenizer.from_pretrained(draft_path).get_vocab()
+                    == AutoTokenizer.from_pretrained(model_path).get_vocab())
+        except Exception:  # no tokenizer files: the loaded check decides later
+            same = True
+        if not same:
+            return (f"draft {draft_path.name!r} uses a different tokenizer from target {model_path.name!r}: "
+                    "pick a draft of the same model family (same vocabulary)")
+        draft_bytes, target_bytes = _weight_bytes(draft_path), _weight_bytes(model_path)
+        if draft_bytes and target_bytes and draft_bytes >= target_bytes:
+            return (f"draft {draft_path.name!r} ({draft_bytes / 1e6:.1f} MB of weights) is not smaller than the "
+                    f"target ({target_bytes / 1e6:.1f} MB): a draft must be much cheaper to pay off")
         return None
 
     def why_not_loaded(self, model: Any, draft: Any) -> str | None:
@@ -80,23 +137,63 @@ class Speculative(Technique):
                     f"the target ({model.info['parameters']:,}): a draft must be much cheaper to pay off")
         return None
 
+    # -- execution ---------------------------------------------------------------------------------
     def prepare(self, model: Any, spec: Any, draft: Any = None) -> None:
-        # 1. Keep what we change so release() can put it back, whatever happens in between.
+        # 1. Keep everything we may change, so release() can put it back whatever happens in between.
         self._model, self._spec, self._draft = model, spec, draft
-        self._extra: dict[str, Any] = {"do_sample": self.config["do_sample"]}
-        if draft is None:
-            self._extra["prompt_lookup_num_tokens"] = self.config["prompt_lookup_num_tokens"]
-            self._saved_config = None
+        self._saved = [(model.model, copy.deepcopy(model.model.config), copy.deepcopy(model.model.generation_config))]
+        if draft is not None:
+            self._saved.append((draft.model, copy.deepcopy(draft.model.config),
+                                copy.deepcopy(draft.model.generation_config)))
+        cfg = self.config
+        self._draft_bytes = draft.info["model_bytes"] if draft is not None else 0
+        if cfg["implementation"] == "workbench":
+            # 2a. Our loop: build the drafter once; its caches are reset per call.
+            if draft is not None:
+                self._drafter = ModelDrafter(draft.model, cfg["confidence_threshold"])
+            elif cfg["draft_layers"] is not None:
+                self._drafter = SelfDrafter(model.model, cfg["draft_layers"], cfg["confidence_threshold"])
+                self._draft_bytes = sum(p.numel() * p.element_size() for name, p in
+                                        self._drafter.model.named_parameters())
+            else:
+                self._drafter = LookupDrafter()
             return
-        # 2. HF reads the draft length and schedule from the draft's own generation config.
-        self._saved_config = copy.deepcopy(draft.model.generation_config)
-        gen = draft.model.generation_config
-        gen.num_assistant_tokens = self.config["num_assistant_tokens"]
-        gen.num_assistant_tokens_schedule = self.config["schedule"]
-        gen.assistant_confidence_threshold = self.config["confidence_threshold"]
-        self._extra["assistant_model"] = draft.model
+        # 2b. HF: draft length and schedule live in the draft's generation config.
+        self._extra: dict[str, Any] = {"do_sample": cfg["do_sample"]}
+        if cfg["do_sample"]:
+            self._extra.update(temperature=cfg["temperature"], top_k=0, top_p=1.0)
+        if cfg["prompt_lookup_num_tokens"] is not None:
+            self._extra["prompt_lookup_num_tokens"] = cfg["prompt_lookup_num_tokens"]
+            return
+        assistant = draft.model if draft is not None else model.model
+        gen = assistant.generation_config
+        gen.num_assistant_tokens = cfg["num_assistant_tokens"]
+        gen.num_assistant_tokens_schedule = cfg["schedule"]
+        gen.assistant_confidence_threshold = cfg["confidence_threshold"]
+        if draft is not None:
+            self._extra["assistant_model"] = draft.model
+        else:  # HF's own self-speculation; it fails on some architectures (GPT-2): a failed run, model restored
+            self._extra["assistant_early_exit"] = cfg["draft_layers"]
 
     def run(self, batch: Any) -> CallOutput:
+        if self.config["implementation"] == "workbench":
+            return self._run_loop(batch)
+        return self._run_hf(batch)
+
+    def _run_loop(self, batch: Any) -> CallOutput:
+        cfg, tokenizer = self.config, self._model.tokenizer
+        draft_tokens = cfg["prompt_lookup_num_tokens"] or cfg["num_assistant_tokens"]
+        with torch.inference_mode():
+            tokens, stats = speculative_generate(
+                self._model.model, self._drafter, batch.inputs["input_ids"], self._spec.workload.max_new_tokens,
+                draft_tokens=draft_tokens, schedule=cfg["schedule"], do_sample=cfg["do_sample"],
+                temperature=cfg["temperature"], eos_token_id=tokenizer.eos_token_id,
+                sync=lambda: synchronize(self._spec.device))
+        internals = stats.to_dict()
+        first = internals.pop("first_output_at")
+        return CallOutput(output=[tokens], new_tokens=len(tokens), first_output_at=first, internals=internals)
+
+    def _run_hf(self, batch: Any) -> CallOutput:
         counts = {"target": 0, "draft": 0}
 
         def counter(name: str):
@@ -113,28 +210,90 @@ class Speculative(Technique):
         finally:
             for handle in handles:
                 handle.remove()
-        out.internals = {"target_forward_passes": counts["target"], "draft_forward_passes": counts["draft"],
+        out.internals = {"target_passes": counts["target"], "draft_passes": counts["draft"],
                          "new_tokens": out.new_tokens}
         return out
 
+    # -- what it did -------------------------------------------------------------------------------
     def internals(self, per_call: list[dict[str, Any]]) -> dict[str, Any]:
-        target = sum(c["target_forward_passes"] for c in per_call)
-        draft = sum(c["draft_forward_passes"] for c in per_call)
+        cfg = self.config
+        source = (self._draft.spec.name if self._draft is not None
+                  else f"target's first {cfg['draft_layers']} layers" if cfg["draft_layers"] is not None
+                  else "prompt lookup")
+        target = sum(c["target_passes"] for c in per_call)
+        draft = sum(c["draft_passes"] for c in per_call)
         tokens = sum(c["new_tokens"] or 0 for c in per_call)
-        accepted = tokens - target  # each target pass emits its accepted draft tokens plus one of its own
-        target_bytes = self._model.info["model_bytes"]
-        draft_bytes = self._draft.info["model_bytes"] if self._draft is not None else 0
-        return {
-            "implementation": "transformers assisted generation",
-            "draft_source": "prompt lookup" if self._draft is None else self._draft.spec.name,
+        common = {
+            "draft_source": source,
             "target_forward_passes": target,
             "draft_forward_passes": draft,
             "tokens_per_target_pass": tokens / target if target else None,
-            "accepted_per_draft_pass": (accepted / draft) if draft else None,
-            "bytes_read_per_token": (target * target_bytes + draft * draft_bytes) / tokens if tokens else None,
+            "bytes_read_per_token": ((target * self._model.info["model_bytes"] + draft * self._draft_bytes) / tokens
+                                     if tokens else None),
         }
+        if cfg["implementation"] == "hf":
+            accepted = tokens - target  # each target pass emits its accepted draft tokens plus one of its own
+            return {"implementation": "transformers assisted generation", **common,
+                    "accepted_per_draft_pass": (accepted / draft) if draft else None}
+        return {"implementation": "workbench loop", **common, **_loop_figures(per_call)}
 
     def release(self) -> None:
-        if getattr(self, "_saved_config", None) is not None:
-            self._draft.model.generation_config = self._saved_config
-            self._saved_config = None
+        for module, config, generation_config in getattr(self, "_saved", []):
+            _restore(module.config, config)  # in place: sub-modules hold the same config object
+            _restore(module.generation_config, generation_config)
+        self._saved = []
+        self._drafter = None
+
+
+def _loop_figures(per_call: list[dict[str, Any]]) -> dict[str, Any]:
+    """Acceptance per position, acceptance rate, cost ratio c and the speedup theory predicts."""
+    width = max((len(c["proposed_by_position"]) for c in per_call), default=0)
+    proposed = [sum(c["proposed_by_position"][j] for c in per_call if j < len(c["proposed_by_position"]))
+                for j in range(width)]
+    accepted = [sum(c["accepted_by_position"][j] for c in per_call if j < len(c["accepted_by_position"]))
+                for j in range(width)]
+    rounds = sum(c["rounds"] for c in per_call)
+    rejections = sum(c["rejections"] for c in per_call)
+    draft_s, target_s = sum(c["draft_s"] for c in per_call), sum(c["target_s"] for c in per_call)
+    # Acceptance rate a: the maximum-likelihood rate of a geometric run of acceptances (each round
+    # stops at its first rejection or at its length limit).
+    attempts = sum(accepted) + rejections
+    alpha = sum(accepted) / attempts if attempts else None
+    mean_draft = sum(proposed) / rounds if rounds else None
+    # Cost ratio c: time to propose one token over the time of one target verification pass.
+    cost = (draft_s / sum(proposed)) / (target_s / rounds) if sum(proposed) and rounds and target_s else None
+    predicted = (theoretical_speedup(alpha, mean_draft, cost)
+                 if None not in (alpha, mean_draft, cost) and mean_draft > 0 else None)
+    return {
+        "rounds": rounds,
+        "acceptance_by_position": [
+            {"position": j + 1, "proposed": proposed[j], "accepted": accepted[j],
+             "rate": accepted[j] / proposed[j] if proposed[j] else None} for j in range(width)],
+        "acceptance_rate": alpha,
+        "mean_draft_tokens": mean_draft,
+        "mean_accepted_per_round": sum(accepted) / rounds if rounds else None,
+        "draft_seconds": draft_s,
+        "target_verify_seconds": target_s,
+        "prefill_seconds": sum(c["prefill_s"] for c in per_call),
+        "cost_ratio_c": cost,
+        "predicted_speedup": predicted,
+        "predicted_speedup_formula": "(1 - a^(g+1)) / ((1 - a)(g c + 1)), prefill excluded",
+    }
+
+
+def _restore(current: Any, saved: Any) -> None:
+    """Make ``current`` equal to ``saved`` again, keeping the object (and every reference to it)."""
+    current.__dict__.clear()
+    current.__dict__.update(copy.deepcopy(saved).__dict__)
+
+
+def _config_layers(path: Path) -> int | None:
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))

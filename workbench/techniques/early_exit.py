@@ -1,0 +1,525 @@
+"""Early exit: stop the forward pass at the first layer that is sure enough.
+
+Classifiers (DeeBERT / PABEE style): one small linear exit head per intermediate layer reads the
+first token's hidden state; the last layer always uses the model's own head, so a threshold that never
+exits reproduces the model's predictions exactly. The heads are trained in :meth:`EarlyExit.prepare`
+on the labelled workload with the backbone frozen, cross-fitted over two folds (item index even/odd):
+heads trained on one fold decide for the other fold's items, so no item is judged by a head that saw
+its label. A row that exits leaves the batch at that layer, so the remaining layers run on fewer rows.
+
+Policies: ``confidence`` exits at the first layer whose exit head's top softmax probability exceeds
+``threshold``; ``patience`` (PABEE) exits once ``patience`` consecutive layers predict the same label.
+:meth:`prepare` also measures a threshold curve side by side (every threshold and the full model
+interleaved: accuracy, mean layers executed, latency, speedup) and picks the operating point: the
+fastest setting that loses at most ``max_accuracy_drop_points`` of accuracy against the full model.
+
+Example:
+    >>> from workbench.techniques.early_exit import EarlyExit
+    >>> EarlyExit(threshold=0.9).config["policy"]
+    'confidence'
+    >>> EarlyExit(policy="patience", patience=2).why_not("diffusion", spec=None)
+    "technique 'early_exit' applies to classifier, causal_lm models, not to a diffusion model"
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench import quality
+from workbench.errors import NotApplicableError
+from workbench.measure import CallOutput, run_interleaved, summarize_samples
+from workbench.techniques._execute import classify, generate
+from workbench.techniques._layers import ClassifierStack, DecoderStack, classifier_stack, decoder_stack
+from workbench.techniques.base import Param, Technique, TechniqueParamError, register
+
+FOLDS = 2  # cross-fitting folds: heads trained on one fold decide for the other's items
+FULL = "full"  # name of the full-model variant in the threshold curve
+
+
+def parse_thresholds(text: str) -> list[float]:
+    """Comma-separated thresholds in [0, 1], sorted and deduplicated; one clear line when malformed.
+
+    Example:
+        >>> parse_thresholds("0.9, 0.5,0.9")
+        [0.5, 0.9]
+    """
+    try:
+        values = sorted({float(part) for part in str(text).split(",") if part.strip()})
+    except ValueError:
+        raise TechniqueParamError(f"early_exit parameter thresholds={text!r} is not a comma-separated list of "
+                                  "numbers: use e.g. thresholds=0.5,0.7,0.9") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise TechniqueParamError(f"early_exit parameter thresholds={text!r} needs one or more values in [0, 1]: "
+                                  "use e.g. thresholds=0.5,0.7,0.9")
+    return values
+
+
+class ExitHeads(nn.Module):
+    """Linear exit heads, one per intermediate layer and cross-fitting fold.
+
+    Shapes: ``weight`` (FOLDS, L-1, C, H), ``bias`` (FOLDS, L-1, C) for L layers, C labels, H hidden.
+    """
+
+    def __init__(self, folds: int, exits: int, labels: int, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(folds, exits, labels, hidden))
+        self.bias = nn.Parameter(torch.zeros(folds, exits, labels))
+
+    def logits(self, layer: int, first_token: torch.Tensor, folds: torch.Tensor) -> torch.Tensor:
+        """(b, C) logits of exit head ``layer`` (0-based) for first-token states (b, H), each row's fold's head."""
+        weight = self.weight[folds, layer]  # (b, C, H)
+        return torch.bmm(weight, first_token.to(weight.dtype).unsqueeze(-1)).squeeze(-1) + self.bias[folds, layer]
+
+
+def train_exit_heads(features: torch.Tensor, labels: torch.Tensor, item_folds: torch.Tensor, num_labels: int,
+                     steps: int, learning_rate: float, seed: int) -> tuple[ExitHeads, dict[str, Any]]:
+    """Fit the exit heads on frozen first-token features, fold by fold; return them and a training report.
+
+    Args:
+        features: (N, L-1, H) first-token hidden states after each intermediate layer, float32.
+        labels: (N,) gold label indices.
+        item_folds: (N,) fold of each item; the heads of fold k are trained on the items of the other folds.
+        steps: full-batch Adam steps per fold.
+
+    Returns:
+        The heads and ``{"steps", "seconds", "per_layer_head_accuracy"}``, where the accuracy of each
+        layer's head is measured cross-fitted (on the items its fold's heads never saw).
+    """
+    start_s = time.perf_counter()
+    n_items, exits, hidden = features.shape
+    generator = torch.Generator().manual_seed(seed)
+    heads = ExitHeads(FOLDS, exits, num_labels, hidden)
+    with torch.no_grad():
+        heads.weight.normal_(0.0, 0.02, generator=generator)
+    held_out_correct = torch.zeros(exits)
+    for fold in range(FOLDS):
+        train = item_folds != fold
+        if not bool(train.any()):
+            continue
+        x, y = features[train], labels[train]  # (n, L-1, H), (n,)
+        weight = heads.weight[fold].detach().clone().requires_grad_(True)  # (L-1, C, H)
+        bias = heads.bias[fold].detach().clone().requires_grad_(True)  # (L-1, C)
+        optimizer = torch.optim.Adam([weight, bias], lr=learning_rate, weight_decay=1e-4)
+        for _ in range(steps):
+            logits = torch.einsum("nlh,lch->nlc", x, weight) + bias  # (n, L-1, C)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, num_labels), y.repeat_interleave(exits))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            heads.weight[fold] = weight
+            heads.bias[fold] = bias
+            test = item_folds == fold
+            if bool(test.any()):
+                predicted = (torch.einsum("nlh,lch->nlc", features[test], weight) + bias).argmax(-1)  # (m, L-1)
+                held_out_correct += (predicted == labels[test, None]).sum(0).float()
+    heads.requires_grad_(False)
+    report = {
+        "steps": steps,
+        "seconds": time.perf_counter() - start_s,
+        "per_layer_head_accuracy": (held_out_correct / max(n_items, 1)).tolist(),
+    }
+    return heads, report
+
+
+def calm_generate(stack: DecoderStack, input_ids: torch.Tensor, max_new_tokens: int, threshold: float,
+                  exit_layers: frozenset[int], eos_token_id: int | None) -> dict[str, Any]:
+    """Greedy decoding, batch 1, with CALM-style per-token exits through the model's own LM head.
+
+    After each layer in ``exit_layers`` (1-based, below the last) the final norm and LM head read the
+    new token's hidden state; when the top probability exceeds ``threshold`` the token is emitted there.
+    Its hidden state waits as the input of the next layer and is run through the deeper layers later,
+    in one call together with the next token that reaches them (each layer's cache entry lags until
+    then), so every cached key/value is the one the full model computes for those tokens.
+
+    Args:
+        input_ids: (1, T) prompt ids, no padding.
+
+    Returns:
+        ``tokens`` (new ids, cut after end-of-sequence), ``exit_layers`` (1-based, per new token),
+        ``first_output_at`` (perf_counter seconds) and ``block_calls`` (layer forward calls made).
+    """
+    from transformers import DynamicCache
+
+    num_layers = stack.num_layers
+    cache = DynamicCache(config=stack.model.config)
+    pending: list[torch.Tensor | None] = [None] * (num_layers + 1)  # pending[j]: (1, n, H) inputs waiting for layer j
+    tokens: list[int] = []
+    exits: list[int] = []
+    block_calls, first_output_at = 0, None
+    with torch.inference_mode():
+        # 1. Prefill: the prompt through every layer.
+        hidden = stack.embed(input_ids, 0)  # (1, T, H)
+        for index in range(num_layers):
+            hidden = stack.layer(index, hidden, cache)
+        block_calls += num_layers
+        token, exit_layer, position = int(stack.logits(hidden[:, -1]).argmax(-1)), num_layers, input_ids.shape[1]
+        while True:
+            tokens.append(token)
+            exits.append(exit_layer)
+            if first_output_at is None:
+                first_output_at = time.perf_counter()
+            if len(tokens) >= max_new_tokens or token == eos_token_id:
+                break
+            # 2. One new token, layer by layer; waiting tokens join it at the layer they wait for.
+            hidden = stack.embed(torch.tensor([[token]], device=input_ids.device), position)  # (1, 1, H)
+            position += 1
+            exit_layer = num_layers
+            for index in range(num_layers):
+                if pending[index] is not None:
+                    hidden = torch.cat([pending[index], hidden], dim=1)  # (1, n+1, H), in token order
+                    pending[index] = None
+                hidden = stack.layer(index, hidden, cache)
+                block_calls += 1
+                layer = index + 1
+                if layer < num_layers and layer in exit_layers:
+                    # 3. Confident enough here: emit, and leave this token's state for the deeper layers.
+                    probs = stack.logits(hidden[:, -1]).softmax(-1)  # (1, V)
+                    top, label = probs.max(-1)
+                    if float(top) > threshold:
+                        exit_layer = layer
+                        waiting = pending[layer]
+                        pending[layer] = hidden if waiting is None else torch.cat([waiting, hidden], dim=1)
+                        break
+            token = int(label) if exit_layer < num_layers else int(stack.logits(hidden[:, -1]).argmax(-1))
+    return {"tokens": tokens, "exit_layers": exits, "first_output_at": first_output_at, "block_calls": block_calls}
+
+
+def continuation_nll(model: nn.Module, prompt_ids: torch.Tensor, continuation: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of ``continuation`` after ``prompt_ids`` (1, T) under ``model``."""
+    if not continuation:
+        return 0.0, 0
+    ids = torch.cat([prompt_ids, torch.tensor([continuation], device=prompt_ids.device)], dim=1)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, prompt_ids.shape[1] - 1: -1].float()  # (n, V)
+    target = torch.tensor(continuation, device=logits.device)
+    return float(nn.functional.cross_entropy(logits, target, reduction="sum")), len(continuation)
+
+
+@register
+class EarlyExit(Technique):
+    """Exit heads per layer with a confidence or patience policy; threshold curve measured in prepare."""
+
+    name = "early_exit"
+    applies_to = ("classifier", "causal_lm")
+    description = "stop at the first layer that is sure enough (exit heads per layer, threshold curve in prepare)"
+    examples = (
+        {"model": "zoo:code-classifier", "workload": "code-snippets",
+         "params": {"thresholds": "0.5,0.9", "train_steps": 50, "curve_repeats": 1}},
+        {"model": "zoo:code-target", "workload": "code-prompts", "params": {"thresholds": "0.2,0.9", "curve_repeats": 1}},
+    )
+    params = {
+        "policy": Param(str, "confidence", "confidence: exit when an exit head is sure enough; patience (PABEE): "
+                        "exit when consecutive layers agree", choices=("confidence", "patience")),
+        "threshold": Param(float, None, "confidence policy: exit when the top probability exceeds this (1.0 never "
+                           "exits); lower exits earlier and risks accuracy; unset: the curve's operating point",
+                           minimum=0.0),
+        "patience": Param(int, None, "patience policy: exit once this many consecutive layers predict the same "
+                          "label; smaller exits earlier; unset: the curve's operating point", minimum=1),
+        "thresholds": Param(str, "0.5,0.6,0.7,0.8,0.9,0.95,0.99", "comma-separated thresholds swept for the "
+                            "curve in prepare; more points, longer prepare"),
+        "max_accuracy_drop_points": Param(float, 1.0, "the operating point is the fastest setting losing at most "
+                                          "this many accuracy points against the full model", minimum=0.0),
+        "train_steps": Param(int, 300, "Adam steps training the exit heads (frozen backbone); more fits better, "
+                             "prepares slower", minimum=1),
+        "learning_rate": Param(float, 0.01, "Adam learning rate of the exit heads", minimum=1e-8),
+        "curve_repeats": Param(int, 3, "timed passes per curve point in prepare; more, steadier speedups",
+                               minimum=1),
+        "seed": Param(int, 0, "seeds the exit heads' initialisation"),
+        "check_every": Param(int, None, "causal LMs: test for an exit after every this many layers (each test "
+                             "costs an LM-head pass); unset: every max(1, layers // 6)", minimum=1),
+    }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        config = self.config
+        if config["threshold"] is not None and config["threshold"] > 1.0:
+            raise TechniqueParamError(f"early_exit parameter threshold={config['threshold']!r} is above 1: "
+                                      "use a probability in [0, 1] (1.0 never exits)")
+        if config["policy"] == "confidence" and config["patience"] is not None:
+            raise TechniqueParamError("early_exit parameter patience applies to policy=patience only: "
+                                      "drop patience or set policy=patience")
+        if config["policy"] == "patience" and config["threshold"] is not None:
+            raise TechniqueParamError("early_exit parameter threshold applies to policy=confidence only: "
+                                      "drop threshold or set policy=confidence")
+        self.thresholds_ = parse_thresholds(config["thresholds"])
+
+    def why_not(self, kind: str, spec: Any) -> str | None:
+        reason = super().why_not(kind, spec)
+        if reason or kind != "causal_lm":
+            return reason
+        if self.config["policy"] != "confidence":
+            return "early_exit on causal LMs uses policy=confidence (CALM); patience applies to classifiers"
+        if spec.workload.batch_size != 1:
+            return (f"early_exit on causal LMs decodes batch size 1 only, not batch_size={spec.workload.batch_size}:"
+                    " set batch_size=1")
+        return None
+
+    # -- prepare (untimed) ----------------------------------------------------------------------
+    def prepare(self, model: Any, spec: Any, draft: Any = None) -> None:
+        self.kind_ = model.kind
+        if model.kind == "causal_lm":
+            self._prepare_causal_lm(model, spec)
+        else:
+            self._prepare_classifier(model, spec)
+
+    def _prepare_causal_lm(self, model: Any, spec: Any) -> None:
+        from workbench.workloads import load_workload, make_batches
+
+        # 1. The layer stack and where exits are tested.
+        self._model, self._spec = model, spec
+        self.stack_: DecoderStack = decoder_stack(model.model)
+        num_layers = self.stack_.num_layers
+        every = self.config["check_every"] or max(1, num_layers // 6)
+        self.exit_layers_ = frozenset(range(every, num_layers, every))
+        self.training_ = None
+        # 2. Inputs; then the curve (token agreement with the full model's greedy output) and operating point.
+        self.batches_ = make_batches(load_workload(spec.workload), model, spec.workload)
+        if any(b.size != 1 for b in self.batches_):
+            raise NotApplicableError("early_exit on causal LMs decodes batch size 1 only: set batch_size=1")
+        self.curve_ = self._measure_curve([])
+        self.operating_point_ = self._choose_operating_point(self.curve_)
+        self.rule_ = self._rule_used()
+        # 3. Perplexity of both continuations under the full model, at the threshold used.
+        nll = {"full": [0.0, 0], "early_exit": [0.0, 0]}
+        for batch in self.batches_:
+            prompt = batch.inputs["input_ids"]
+            outputs = {"full": self._full(batch).output[0], "early_exit": self._call(batch, self.rule_).output[0]}
+            for name, continuation in outputs.items():
+                total, count = continuation_nll(model.model, prompt, continuation)
+                nll[name][0] += total
+                nll[name][1] += count
+        ppl = {name: math.exp(total / count) if count else None for name, (total, count) in nll.items()}
+        self.perplexity_ = {"full_greedy": ppl["full"], "early_exit": ppl["early_exit"],
+                            "change": None if None in ppl.values() else ppl["early_exit"] - ppl["full"],
+                            "measured_by": "the full model scoring each variant's own continuation"}
+
+    def _full(self, batch: Any) -> CallOutput:
+        """The full model as the baseline runs it."""
+        if self.kind_ == "causal_lm":
+            return generate(self._model.model, self._model.tokenizer, batch, self._spec.workload.max_new_tokens)
+        return classify(self._model.model, batch)
+
+    def _prepare_classifier(self, model: Any, spec: Any) -> None:
+        from workbench.workloads import load_workload, make_batches
+
+        # 1. The layer stack (an unsupported architecture stops here, before any work).
+        self._model, self._spec = model, spec
+        self.stack_: ClassifierStack = classifier_stack(model.model)
+        num_layers = self.stack_.num_layers
+        if num_layers < 2:
+            raise NotApplicableError(f"early_exit needs a model with 2 or more layers; "
+                                     f"{type(model.model).__name__} has {num_layers}")
+        # 2. The inputs the runner will time, and each item's fold (found again from its seed in run()).
+        workload = load_workload(spec.workload)
+        self.batches_ = make_batches(workload, model, spec.workload)
+        seeds = [s for b in self.batches_ for s in b.seeds]
+        labels = torch.tensor([y for b in self.batches_ for y in b.labels])
+        if len(seeds) < FOLDS:
+            raise NotApplicableError(f"early_exit trains exit heads on the labelled workload and needs at least "
+                                     f"{FOLDS} items, got {len(seeds)}: raise max_items")
+        self.fold_by_seed_ = {seed: index % FOLDS for index, seed in enumerate(seeds)}
+        if not self.stack_.reproduces(self.batches_[0].inputs):
+            raise NotApplicableError(f"early_exit could not reproduce {type(model.model).__name__}'s logits "
+                                     "layer by layer on the padded workload inputs: not supported yet")
+        # 3. Frozen features: the first token's hidden state after every intermediate layer.
+        with torch.inference_mode():
+            features = torch.cat([torch.stack([h[:, 0] for h in self.stack_.hidden_states(b.inputs)[:-1]], dim=1)
+                                  for b in self.batches_]).float().cpu()  # (N, L-1, H)
+        item_folds = torch.tensor([self.fold_by_seed_[s] for s in seeds])
+        heads, report = train_exit_heads(features, labels, item_folds, model.model.config.num_labels,
+                                         self.config["train_steps"], self.config["learning_rate"],
+                                         self.config["seed"])
+        param = next(model.model.parameters())
+        self.heads_ = heads.to(device=param.device, dtype=param.dtype)
+        report.update({"items": len(seeds), "cross_fit_folds": FOLDS,
+                       "fold_rule": "fold = item index % 2; the heads of one fold were trained on the other "
+                                    "fold's items, so every item is judged by heads that never saw its label"})
+        self.training_ = report
+        # 4. The curve, measured side by side, and the operating point.
+        self.curve_ = self._measure_curve(labels.tolist())
+        self.operating_point_ = self._choose_operating_point(self.curve_)
+        self.rule_ = self._rule_used()
+
+    def _settings(self) -> list[tuple[str, float | int]]:
+        """The (policy, value) settings the curve sweeps: thresholds, or patience 1 .. L-1."""
+        if self.config["policy"] == "confidence":  # 1.0 never exits: what running layer by layer itself costs
+            return [("confidence", t) for t in sorted({*self.thresholds_, 1.0})]
+        return [("patience", p) for p in range(1, self.stack_.num_layers)]
+
+    def _measure_curve(self, labels: list[int]) -> list[dict[str, Any]]:
+        # 1. Every setting and the full model, interleaved call by call on the workload's batches.
+        batches = self.batches_
+        calls = {FULL: lambda i: self._full(batches[i])}
+        for rule in self._settings():
+            calls[f"{rule[0]}={rule[1]}"] = (lambda r: lambda i: self._call(batches[i], r))(rule)
+        measured = run_interleaved(calls, len(batches), self.config["curve_repeats"], warmup=1,
+                                   device=self._spec.device, track_memory=False)
+        comparisons = summarize_samples(measured.samples, baseline=FULL, seed=self._spec.seed)["comparisons"]
+        # 2. Accuracy (classifiers: on the gold labels; LMs: token agreement with the full model's greedy
+        # output), mean layers executed and speedup per setting.
+        gold = torch.tensor(labels)
+
+        def accuracy(name: str) -> float:
+            if self.kind_ == "causal_lm":
+                return quality.generation_quality(measured.outputs[FULL], measured.outputs[name])["token_agreement"]
+            predicted = torch.tensor([y for out in measured.outputs[name] for y in out])
+            return float((predicted == gold).float().mean())
+
+        full_accuracy = accuracy(FULL)
+        full_median_s = float(torch.tensor(measured.samples[FULL]["latency_s"]).median())
+        curve = []
+        for policy, value in self._settings():
+            name = f"{policy}={value}"
+            layers = [layer for call in measured.internals[name] for layer in call["exit_layers"]]
+            comparison = comparisons[name]
+            curve.append({
+                "threshold": value if policy == "confidence" else None,
+                "patience": value if policy == "patience" else None,
+                "accuracy": accuracy(name),
+                "accuracy_full": full_accuracy,
+                "mean_layers_executed": sum(layers) / len(layers),
+                "median_latency_s": float(torch.tensor(measured.samples[name]["latency_s"]).median()),
+                "median_latency_full_s": full_median_s,
+                "speedup_vs_full": comparison["speedup"],
+                "speedup_ci_low": comparison["ci_low"],
+                "speedup_ci_high": comparison["ci_high"],
+            })
+        return curve
+
+    def _choose_operating_point(self, curve: list[dict[str, Any]]) -> dict[str, Any]:
+        """The fastest point within the accuracy budget; the full depth, said so, when none is."""
+        budget = self.config["max_accuracy_drop_points"] / 100.0
+        allowed = [p for p in curve if p["accuracy"] >= p["accuracy_full"] - budget - 1e-9]
+        if allowed:
+            chosen = dict(max(allowed, key=lambda p: p["speedup_vs_full"]))
+            low = chosen["speedup_ci_low"]
+            chosen["faster_than_full"] = low is not None and low > 1.0  # False: within noise of the full model
+            return chosen
+        never = {"threshold": 1.0, "patience": None} if self.config["policy"] == "confidence" else \
+            {"threshold": None, "patience": self.stack_.num_layers}
+        return {**never, "fallback": f"no swept setting kept accuracy within "
+                                     f"{self.config['max_accuracy_drop_points']} points: runs the full depth"}
+
+    def _rule_used(self) -> tuple[str, float | int]:
+        policy = self.config["policy"]
+        if policy == "confidence":
+            value = self.config["threshold"]
+            return policy, self.operating_point_["threshold"] if value is None else value
+        value = self.config["patience"]
+        return policy, self.operating_point_["patience"] if value is None else value
+
+    # -- run (timed) ------------------------------------------------------------------------------
+    def run(self, batch: Any) -> CallOutput:
+        return self._call(batch, self.rule_)
+
+    def _call(self, batch: Any, rule: tuple[str, float | int]) -> CallOutput:
+        if self.kind_ == "causal_lm":
+            out = calm_generate(self.stack_, batch.inputs["input_ids"], self._spec.workload.max_new_tokens,
+                                float(rule[1]), self.exit_layers_, self._model.tokenizer.eos_token_id)
+            return CallOutput(output=[out["tokens"]], new_tokens=len(out["tokens"]),
+                              first_output_at=out["first_output_at"],
+                              internals={"exit_layers": out["exit_layers"], "block_calls": out["block_calls"]})
+        predicted, exit_layers = self._run(batch, rule)
+        return CallOutput(output=predicted, internals={"exit_layers": exit_layers})
+
+    def _run(self, batch: Any, rule: tuple[str, float | int]) -> tuple[list[int], list[int]]:
+        """Layer by layer with exits; rows that exit leave the batch. Returns labels and exit layers (1-based)."""
+        stack, heads = self.stack_, self.heads_
+        policy, value = rule
+        last = stack.num_layers - 1
+        with torch.inference_mode():
+            # 1. Embeddings for the whole batch; rows[i] is the batch row of running row i.
+            hidden, mask = stack.embed(batch.inputs)  # (B, T, H)
+            size = hidden.shape[0]
+            rows = torch.arange(size, device=hidden.device)
+            folds = torch.tensor([self.fold_by_seed_.get(s, 0) for s in batch.seeds] or [0] * size,
+                                 device=hidden.device)
+            predicted = torch.empty(size, dtype=torch.long, device=hidden.device)
+            exit_layer = torch.full((size,), stack.num_layers, dtype=torch.long, device=hidden.device)
+            previous = torch.full((size,), -1, dtype=torch.long, device=hidden.device)
+            streak = torch.zeros(size, dtype=torch.long, device=hidden.device)
+            for index in range(stack.num_layers):
+                # 2. One block on the running rows only.
+                hidden = stack.layer(index, hidden, mask)
+                if index == last:
+                    predicted[rows] = stack.head(hidden).argmax(-1)
+                    break
+                # 3. This layer's exit head decides which rows stop here.
+                logits = heads.logits(index, hidden[:, 0], folds[rows])  # (b, C)
+                label = logits.argmax(-1)
+                if policy == "confidence":
+                    leave = logits.softmax(-1).amax(-1) > value
+                else:
+                    streak = torch.where(label == previous, streak + 1, torch.ones_like(streak))
+                    previous = label
+                    leave = streak >= value
+                if not bool(leave.any()):
+                    continue
+                predicted[rows[leave]] = label[leave]
+                exit_layer[rows[leave]] = index + 1
+                # 4. Drop the rows that left, so the next blocks run on fewer rows.
+                keep = ~leave
+                if not bool(keep.any()):
+                    break
+                rows, previous, streak = rows[keep], previous[keep], streak[keep]
+                hidden, mask = stack.keep_rows(keep, hidden, mask)
+        return predicted.tolist(), exit_layer.tolist()
+
+    # -- report ---------------------------------------------------------------------------------
+    def internals(self, per_call: list[dict[str, Any]]) -> dict[str, Any]:
+        layers = [layer for call in per_call for layer in call.get("exit_layers", [])]
+        histogram: dict[int, int] = {}
+        for layer in sorted(layers):
+            histogram[layer] = histogram.get(layer, 0) + 1
+        mean_layers = sum(layers) / len(layers) if layers else None
+        num_layers = self.stack_.num_layers
+        policy, value = self.rule_
+        report: dict[str, Any] = {
+            "policy": policy,
+            "threshold_used": value if policy == "confidence" else None,
+            "patience_used": value if policy == "patience" else None,
+            "num_layers": num_layers,
+            "exit_layer_histogram": histogram,
+            "mean_layers_executed": mean_layers,
+            "layers_saved_fraction": None if mean_layers is None else 1.0 - mean_layers / num_layers,
+            "threshold_curve": self.curve_,
+            "operating_point": self.operating_point_,
+            "max_accuracy_drop_points": self.config["max_accuracy_drop_points"],
+            "heads_training": self.training_,
+        }
+        if self.kind_ == "causal_lm":
+            tokens = len(layers)
+            report.update({
+                "implementation": "CALM-style greedy decoding: after every checked layer the model's own final "
+                                  "norm and LM head test the new token; an exited token's hidden state is run "
+                                  "through the deeper layers later, batched with the next token that reaches them",
+                "exit_check_layers": sorted(self.exit_layers_),
+                "curve_quality": "accuracy = token agreement with the full model's greedy output",
+                "block_calls_per_token": (sum(c.get("block_calls", 0) for c in per_call) / tokens) if tokens else None,
+                "perplexity_under_full_model": self.perplexity_,
+                "selection_note": "the operating point is chosen on the same prompts it is timed on",
+            })
+            return report
+        report.update({
+            "implementation": "layer-by-layer forward with linear exit heads on the first token "
+                              "(DeeBERT confidence / PABEE patience); exited rows leave the batch; "
+                              "the last layer uses the model's own head",
+            "layers_path": self.stack_.layers_path,
+            "head_recipe": self.stack_.head_recipe,
+            "curve_quality": "accuracy = accuracy on the workload's gold labels",
+            "selection_note": "the operating point is chosen on the same workload items it is timed on: "
+                              "heads are cross-fitted, the threshold choice is not",
+        })
+        return report
+
+    def release(self) -> None:
+        # Nothing was attached to the shared model (the heads live here, the backbone is only read):
+        # drop the heads and the cached batches; what internals() reports stays.
+        self.heads_ = None
+        self.batches_ = []
