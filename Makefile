@@ -25,13 +25,17 @@ zoo-quick: $(STAMP)
 demo: zoo
 	$(BIN)/workbench run --model zoo:code-target --technique speculative --draft zoo:code-draft \
 		--workload code-prompts --max-items 8 --max-new-tokens 48 --repeats 5 --warmup 1
+	$(BIN)/workbench run --model zoo:code-classifier --technique early_exit --workload code-snippets \
+		--max-items 256 --batch-size 16 --repeats 5 --warmup 1
 	$(BIN)/workbench runs --since 1d
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+bench: zoo
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/speculative.py
+	$(BIN)/python bench/early_exit.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

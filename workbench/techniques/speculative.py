@@ -52,6 +52,8 @@ class Speculative(Technique):
         {"model": "zoo:code-target", "workload": "code-prompts", "params": {"prompt_lookup_num_tokens": 5}},
         {"model": "zoo:code-target", "workload": "code-prompts",
          "params": {"draft_layers": 1, "schedule": "heuristic_transient"}},
+        {"model": "zoo:code-target", "draft": "zoo:code-draft", "workload": "code-prompts",
+         "params": {"do_sample": True, "temperature": 0.8}},
     )
     params = {
         "implementation": Param(str, "workbench", "workbench: own loop with acceptance per position and the "
@@ -268,7 +270,9 @@ def _loop_figures(per_call: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds": rounds,
         "acceptance_by_position": [
             {"position": j + 1, "proposed": proposed[j], "accepted": accepted[j],
-             "rate": accepted[j] / proposed[j] if proposed[j] else None} for j in range(width)],
+             "rate": accepted[j] / proposed[j] if proposed[j] else None,
+             # P(accept j | j proposed and 1..j-1 accepted): the per-position alpha of the theory
+             "rate_given_previous_accepted": _given_previous(accepted, proposed, j)} for j in range(width)],
         "acceptance_rate": alpha,
         "mean_draft_tokens": mean_draft,
         "mean_accepted_per_round": sum(accepted) / rounds if rounds else None,
@@ -279,6 +283,16 @@ def _loop_figures(per_call: list[dict[str, Any]]) -> dict[str, Any]:
         "predicted_speedup": predicted,
         "predicted_speedup_formula": "(1 - a^(g+1)) / ((1 - a)(g c + 1)), prefill excluded",
     }
+
+
+def _given_previous(accepted: list[int], proposed: list[int], j: int) -> float | None:
+    """Acceptance at position j among rounds that proposed it and accepted every earlier position.
+
+    A round that reached position j with 1..j-1 all accepted is counted in ``accepted[j-1]`` unless it
+    stopped drafting there (length limit or confidence), so the denominator is the smaller of the two.
+    """
+    reached = proposed[j] if j == 0 else min(accepted[j - 1], proposed[j])
+    return accepted[j] / reached if reached else None
 
 
 def _restore(current: Any, saved: Any) -> None:
