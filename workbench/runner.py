@@ -214,6 +214,7 @@ def _measure(plan_: Plan, technique: Technique, baseline: Baseline, result: RunR
     result.summary = summarize_samples(measured.samples, seed=spec.seed)
     labels = [y for b in batches for y in (b.labels or [])]
     result.quality = quality.compare(model.kind, measured.outputs[BASELINE], measured.outputs[other], labels)
+    result.quality.update(technique.extra_quality(measured.outputs[BASELINE], measured.outputs[other]))
     result.internals["technique"] = technique.internals(measured.internals[other])
     _add_model_bytes(result, model, draft, other)
     _add_roofline(result, other)

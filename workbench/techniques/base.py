@@ -117,6 +117,14 @@ class Technique(ABC):
         """
         return {}
 
+    def extra_quality(self, baseline: list[Any], technique: list[Any]) -> dict[str, Any]:
+        """Quality figures only this technique can compute (e.g. SSIM against a 100-step reference,
+        perplexity change); merged into the run's quality beside the standard comparison.
+
+        ``baseline`` and ``technique`` hold each batch's ``CallOutput.output`` from the first timed pass.
+        """
+        return {}
+
     def release(self) -> None:
         """Undo anything done to shared models; called even after a failure."""
 
