@@ -40,10 +40,22 @@ def quality_text(quality: dict[str, Any]) -> str:
     if "exact_match_rate" in quality:
         n = quality["inputs"]
         same = round(quality["exact_match_rate"] * n)
-        return f"identical output on {same}/{n} inputs, token agreement {quality['token_agreement']:.1%}"
+        text = f"identical output on {same}/{n} inputs, token agreement {quality['token_agreement']:.1%}"
+        if quality.get("perplexity_change_percent") is not None:
+            text += (f", perplexity {quality['perplexity_baseline']:.2f} -> {quality['perplexity_technique']:.2f} "
+                     f"({quality['perplexity_change_percent']:+.2f}%), next-token KL {quality['next_token_kl_mean']:.4f}")
+        return text
     if "accuracy_technique" in quality:
         return (f"accuracy {quality['accuracy_technique']:.1%} vs {quality['accuracy_baseline']:.1%} "
                 f"({quality['accuracy_change_points']:+.1f} points), agreement {quality['agreement']:.1%}")
+    if "ssim_technique_vs_reference" in quality:
+        text = (f"SSIM vs {quality['reference_steps']}-step reference {quality['ssim_technique_vs_reference']:.3f} "
+                f"(baseline {quality['ssim_baseline_vs_reference']:.3f}), {quality['steps_technique_mean']:.1f} vs "
+                f"{quality['steps_baseline']} steps")
+        if quality.get("judge_accuracy_technique") is not None:
+            text += (f", judge accuracy {quality['judge_accuracy_technique']:.0%} vs "
+                     f"{quality['judge_accuracy_baseline']:.0%}")
+        return text
     if "psnr_db_mean" in quality:
         if quality.get("identical_rate") == 1.0:
             return f"identical images on {quality['inputs']}/{quality['inputs']} inputs"

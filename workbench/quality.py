@@ -94,3 +94,54 @@ def compare(kind: str, baseline: list[Any], technique: list[Any], labels: list[i
     if kind == "classifier":
         return classification_quality(baseline, technique, labels or [])
     return image_quality(baseline, technique)
+
+
+def ssim(reference: np.ndarray, image: np.ndarray, win_size: int = 7) -> float:
+    """Structural similarity (SSIM) of two images (H, W) or (H, W, C) in [0, 1]: 1.0 when identical.
+
+    The window shrinks (odd, at least 3) to fit images smaller than ``win_size``, e.g. 8x8 digits.
+
+    Example:
+        >>> image = np.linspace(0, 1, 64).reshape(8, 8, 1)
+        >>> ssim(image, image)
+        1.0
+    """
+    from skimage.metrics import structural_similarity
+
+    reference, image = np.asarray(reference, dtype=np.float64), np.asarray(image, dtype=np.float64)
+    if reference.shape != image.shape:
+        raise ValueError(f"ssim needs images of one shape, got {reference.shape} and {image.shape}")
+    side = min(reference.shape[:2])
+    window = min(win_size, side if side % 2 else side - 1)
+    if window < 3:
+        raise ValueError(f"ssim needs images of at least 3x3 pixels, got {reference.shape}")
+    channel_axis = -1 if reference.ndim == 3 else None
+    return float(structural_similarity(reference, image, win_size=window, data_range=1.0,
+                                       channel_axis=channel_axis))
+
+
+def reference_similarity(references: list[np.ndarray], images: list[np.ndarray]) -> dict[str, Any]:
+    """How close images are to reference images of the same seeds: SSIM and PSNR per image and summed up.
+
+    ``psnr_db_mean`` averages the non-identical images only (identical ones have infinite PSNR);
+    ``identical_rate`` counts the identical ones.
+
+    Example:
+        >>> a = [np.zeros((8, 8, 1)), np.ones((8, 8, 1))]
+        >>> reference_similarity(a, a)["ssim_mean"], reference_similarity(a, a)["identical_rate"]
+        (1.0, 1.0)
+    """
+    if len(references) != len(images):
+        raise ValueError(f"reference_similarity needs one reference per image, got {len(references)} "
+                         f"references for {len(images)} images")
+    ssims = [ssim(r, i) for r, i in zip(references, images)]
+    psnrs = [psnr_db(r, i) for r, i in zip(references, images)]
+    finite = [p for p in psnrs if math.isfinite(p)]
+    return {
+        "inputs": len(ssims),
+        "ssim_mean": float(np.mean(ssims)) if ssims else None,
+        "ssim_min": float(np.min(ssims)) if ssims else None,
+        "ssim_per_image": ssims,
+        "psnr_db_mean": float(np.mean(finite)) if finite else None,  # over non-identical images only
+        "identical_rate": (len(psnrs) - len(finite)) / len(psnrs) if psnrs else None,
+    }

@@ -290,14 +290,24 @@ def run(spec: RunSpec, store: Any = None, progress: bool = True) -> RunResult:
 def run_sweep(specs: Iterable[RunSpec], store: Any = None, progress: bool = True) -> list[RunResult]:
     """Run many specs one after another; a failing run is stored as failed and the sweep goes on.
 
-    Every spec is planned first, so bad input stops the sweep before any long work starts.
+    Every spec is planned first, so bad input (an unknown name, a bad parameter, a missing file) stops
+    the sweep before any long work starts. A spec that is valid but cannot run here (a GPU-only
+    variant on CPU, a library not installed) is kept as a *skipped* run with its reason, not crashed on.
     """
     from tqdm.auto import tqdm
 
-    plans = [plan(spec) for spec in specs]
+    planned: list[Plan | RunResult] = []
+    for spec in specs:
+        try:
+            planned.append(plan(spec))
+        except NotApplicableError as exc:
+            from workbench.environment import fingerprint
+
+            planned.append(RunResult(spec=spec, status="skipped", failure_reason=str(exc),
+                                     environment=fingerprint(device=spec.device.split(":")[0])))
     results = []
-    for plan_ in tqdm(plans, desc="sweep", unit="run", disable=not progress):
-        result = execute(plan_, progress=progress)
+    for item in tqdm(planned, desc="sweep", unit="run", disable=not progress):
+        result = item if isinstance(item, RunResult) else execute(item, progress=progress)
         if store is not None:
             store.append(result.to_row())
         results.append(result)

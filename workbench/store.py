@@ -104,7 +104,7 @@ runs_table = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False, index=True),
     sa.Column("schema_version", sa.Integer, nullable=False),
     sa.Column("workbench_version", sa.String(64), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False, index=True),  # "ok" | "failed"
+    sa.Column("status", sa.String(16), nullable=False, index=True),  # "ok" | "failed" | "skipped"
     sa.Column("failure_reason", sa.Text, nullable=True),
     sa.Column("model", sa.String(512), nullable=False, index=True),
     sa.Column("workload", sa.String(255), nullable=False),
@@ -143,7 +143,7 @@ REQUIRED_KEYS: tuple[str, ...] = (
     "warmup",
 )
 #: Values of the ``status`` column.
-STATUSES: tuple[str, ...] = ("ok", "failed")
+STATUSES: tuple[str, ...] = ("ok", "failed", "skipped")  # skipped: not applicable here (reason kept)
 _INT_COLUMNS = ("seed", "repeats", "warmup", "schema_version")
 _FLOAT_COLUMNS = ("speedup", "speedup_ci_low", "speedup_ci_high")
 _STR_COLUMNS = {  # plain string columns and their length limits (JSON columns are Text)
@@ -594,8 +594,8 @@ def _prepare_row(row: Mapping[str, Any], index: int) -> dict[str, Any]:
     # 3. Values.
     if record["status"] not in STATUSES:
         raise StoreError(f"row {index} has status={record['status']!r}; use one of {', '.join(STATUSES)}")
-    if record["status"] == "failed" and not record["failure_reason"]:
-        record["failure_reason"] = "failed without a message"  # keep the failed run, never drop it
+    if record["status"] in ("failed", "skipped") and not record["failure_reason"]:
+        record["failure_reason"] = f"{record['status']} without a message"  # keep the run, never drop it
     for name in _INT_COLUMNS:
         record[name] = _as_int(record[name], name, index)
     for name in _FLOAT_COLUMNS:

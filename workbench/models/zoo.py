@@ -1,9 +1,10 @@
-"""The offline tiny model zoo: five small real models trained locally, no network needed.
+"""The offline tiny model zoo: six small real models trained locally, no network needed.
 
 | name               | kind        | what it is                                                        |
 |--------------------|-------------|-------------------------------------------------------------------|
 | ``code-target``    | causal_lm   | deep GPT-2 on stdlib code; the slow model speculative decoding speeds up |
 | ``code-draft``     | causal_lm   | 1-layer GPT-2, same tokenizer, distilled from the target          |
+| ``code-wide``      | causal_lm   | 2-layer x 512 GPT-2, same tokenizer: matmul-bound, int8 pays here |
 | ``code-classifier``| classifier  | BERT: code snippet -> stdlib package area (early exit has layers) |
 | ``digits-diffusion``| diffusion  | class-conditional UNet2DModel + DDIM, 8x8 digits                   |
 | ``digits-judge``   | judge       | CNN that says which digit an 8x8 image shows                      |
@@ -72,6 +73,8 @@ MODELS: dict[str, ZooModel] = {
         ZooModel("code-draft", "causal_lm",
                  "1-layer GPT-2 sharing code-target's tokenizer, distilled from it; the fast draft",
                  depends_on=("code-target",)),
+        ZooModel("code-wide", "causal_lm",
+                 "Wide shallow GPT-2 (2 layers x 512) on stdlib code; matmul-bound, where int8 quantization pays"),
         ZooModel("code-classifier", "classifier",
                  "BERT classifier: a few lines of stdlib code -> which package area they come from"),
         ZooModel("digits-judge", "judge", "CNN classifier for 8x8 digits; judges generated digits"),
@@ -200,6 +203,7 @@ def _recipes(quick: bool) -> dict[str, Any]:
                                     grown_steps=4, warmup=3, eval_len=64),
             "code-draft": LMRecipe(n_layer=1, n_embd=16, n_head=2, steps=12, batch_size=8, distill_steps=4,
                                    warmup=3, eval_len=64),
+            "code-wide": LMRecipe(n_layer=1, n_embd=32, n_head=2, steps=6, batch_size=8, warmup=2, eval_len=64),
             "code-classifier": ClassifierRecipe(num_layers=4, hidden=32, heads=2, intermediate=64, max_length=32,
                                                 epochs=1, train_snippets=240, test_snippets=60, vocab_size=512),
             "digits-judge": JudgeRecipe(channels=(8, 16), hidden=32, epochs=2),
@@ -210,6 +214,7 @@ def _recipes(quick: bool) -> dict[str, Any]:
         "code-target": LMRecipe(n_layer=24, n_embd=128, n_head=4, steps=1300, grow_from=4, grown_steps=40),
         "code-draft": LMRecipe(n_layer=1, n_embd=64, n_head=2, steps=1200, lr=3e-3, distill_steps=500,
                                distill_weight=0.9),
+        "code-wide": LMRecipe(n_layer=2, n_embd=512, n_head=8, steps=240, batch_size=8, lr=1e-3, warmup=20),
         "code-classifier": ClassifierRecipe(),
         "digits-judge": JudgeRecipe(),
         "digits-diffusion": DiffusionRecipe(steps=600, batch_size=96),
@@ -673,6 +678,23 @@ def _train_target(ctx: _BuildContext, out: Path) -> _Trained:
                     data, metrics, config)
 
 
+def _train_wide(ctx: _BuildContext, out: Path) -> _Trained:
+    """A wide, shallow LM: few large matrices, so per-token time is matmul-bound (int8 helps here)."""
+    recipe: LMRecipe = ctx.recipes["code-wide"]
+    tok = _code_tokenizer(ctx)
+    train_ids, test_ids, data = _lm_data(ctx)
+    gen = torch.Generator().manual_seed(ctx.seed + 2)
+    model = _new_gpt2(recipe, recipe.n_layer, tok.get_vocab_size(), tok)
+    losses = _train_lm(model, train_ids, recipe, recipe.steps, recipe.lr, recipe.warmup, gen, "code-wide",
+                       ctx.progress)
+    metrics = {"heldout_loss": _heldout_loss(model, test_ids, recipe.eval_len)}
+    metrics["heldout_perplexity"] = math.exp(metrics["heldout_loss"])
+    metrics["decode_ms_per_token"] = 1e3 * _decode_seconds_per_token(model, _prompt_ids(ctx, tok, 4))
+    _save_lm(model, tok, out)
+    config = {**asdict(recipe), "vocab_size": tok.get_vocab_size(), "tokenizer": asdict(ctx.recipes["tokenizer"])}
+    return _Trained(recipe.steps, float(np.mean(losses[-20:])), _param_count(model), data, metrics, config)
+
+
 def _train_draft(ctx: _BuildContext, out: Path) -> _Trained:
     from transformers import AutoModelForCausalLM
 
@@ -873,6 +895,7 @@ def _train_diffusion(ctx: _BuildContext, out: Path) -> _Trained:
 _TRAINERS: dict[str, Callable[[_BuildContext, Path], _Trained]] = {
     "code-target": _train_target,
     "code-draft": _train_draft,
+    "code-wide": _train_wide,
     "code-classifier": _train_classifier,
     "digits-judge": _train_judge,
     "digits-diffusion": _train_diffusion,

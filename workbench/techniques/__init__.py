@@ -6,7 +6,7 @@ Example:
     True
 """
 
-from workbench.techniques import baseline, early_exit, speculative  # noqa: F401  (registers them)
+from workbench.techniques import adaptive_steps, baseline, early_exit, quantization, speculative  # noqa: F401  (registers them)
 from workbench.techniques.base import Param, Technique, get, names, register
 
 __all__ = ["Param", "Technique", "get", "names", "register"]

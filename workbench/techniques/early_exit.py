@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from workbench import quality
 from workbench.errors import NotApplicableError
 from workbench.measure import CallOutput, run_interleaved, summarize_samples
 from workbench.techniques._execute import classify, generate
+from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
 from workbench.techniques._layers import ClassifierStack, DecoderStack, classifier_stack, decoder_stack
 from workbench.techniques.base import Param, Technique, TechniqueParamError, register
 
@@ -231,6 +233,9 @@ class EarlyExit(Technique):
         "curve_repeats": Param(int, 3, "timed passes per curve point in prepare; more, steadier speedups",
                                minimum=1),
         "seed": Param(int, 0, "seeds the exit heads' initialisation"),
+        "quantization": Param(str, None, "combined variant: run early exit on a quantized copy of the model "
+                              "(a quantization scheme, e.g. int8-dynamic); the baseline stays full precision",
+                              choices=tuple(SCHEMES)),
         "check_every": Param(int, None, "causal LMs: test for an exit after every this many layers (each test "
                              "costs an LM-head pass); unset: every max(1, layers // 6)", minimum=1),
     }
@@ -251,6 +256,8 @@ class EarlyExit(Technique):
 
     def why_not(self, kind: str, spec: Any) -> str | None:
         reason = super().why_not(kind, spec)
+        if not reason and self.config["quantization"]:
+            reason = why_not_scheme(self.config["quantization"], spec.device)
         if reason or kind != "causal_lm":
             return reason
         if self.config["policy"] != "confidence":
@@ -263,6 +270,10 @@ class EarlyExit(Technique):
     # -- prepare (untimed) ----------------------------------------------------------------------
     def prepare(self, model: Any, spec: Any, draft: Any = None) -> None:
         self.kind_ = model.kind
+        self.quantization_ = None
+        if self.config["quantization"]:  # combined variant: early exit on a quantized copy of the model
+            copy_, self.quantization_ = quantize_copy(model.model, self.config["quantization"])
+            model = dataclasses.replace(model, model=copy_)
         if model.kind == "causal_lm":
             self._prepare_causal_lm(model, spec)
         else:
@@ -493,6 +504,9 @@ class EarlyExit(Technique):
             "max_accuracy_drop_points": self.config["max_accuracy_drop_points"],
             "heads_training": self.training_,
         }
+        if self.quantization_:
+            report["quantization"] = self.quantization_
+            report["model_bytes"] = self.quantization_["bytes_after"]
         if self.kind_ == "causal_lm":
             tokens = len(layers)
             report.update({

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import torch
 
 from workbench.measure import CallOutput, synchronize
 from workbench.techniques._execute import generate
+from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
 from workbench.techniques._speculative_loop import (SCHEDULES, LookupDrafter, ModelDrafter, SelfDrafter,
                                                     speculative_generate, theoretical_speedup)
 from workbench.techniques.base import Param, Technique, register
@@ -69,6 +71,9 @@ class Speculative(Technique):
                                           "tokens per proposal (repetitive prompts benefit most)", minimum=1),
         "draft_layers": Param(int, None, "self-speculation: draft with the target's own first k layers and its LM "
                               "head (no second model)", minimum=1),
+        "draft_quantization": Param(str, None, "combined variant: quantize a copy of the draft model first (a "
+                                    "quantization scheme, e.g. int8-dynamic); cheaper drafts, maybe fewer acceptances",
+                                    choices=tuple(SCHEMES)),
         "do_sample": Param(bool, False, "sample instead of greedy; sampled outputs are not compared token for token"),
         "temperature": Param(float, 1.0, "sampling temperature (only with do_sample=true)", minimum=1e-3),
     }
@@ -95,6 +100,10 @@ class Speculative(Technique):
                     "--param prompt_lookup_num_tokens=10, or --param draft_layers=2")
         if len(sources) > 1:
             return f"give one drafter, not {' and '.join(sources)}"
+        if self.config["draft_quantization"]:
+            if spec.technique.draft is None:
+                return "draft_quantization needs a draft model: pass --draft MODEL"
+            return why_not_scheme(self.config["draft_quantization"], spec.device)
         return None
 
     def why_not_located(self, model_path: Path, draft_path: Path | None) -> str | None:
@@ -149,6 +158,11 @@ class Speculative(Technique):
                                 copy.deepcopy(draft.model.generation_config)))
         cfg = self.config
         self._draft_bytes = draft.info["model_bytes"] if draft is not None else 0
+        self._draft_quantization = None
+        if cfg["draft_quantization"]:  # combined variant: the draft is a quantized copy (the original untouched)
+            copy_, self._draft_quantization = quantize_copy(draft.model, cfg["draft_quantization"])
+            draft = self._draft = dataclasses.replace(draft, model=copy_)
+            self._draft_bytes = self._draft_quantization["bytes_after"]
         if cfg["implementation"] == "workbench":
             # 2a. Our loop: build the drafter once; its caches are reset per call.
             if draft is not None:
@@ -233,6 +247,8 @@ class Speculative(Technique):
             "bytes_read_per_token": ((target * self._model.info["model_bytes"] + draft * self._draft_bytes) / tokens
                                      if tokens else None),
         }
+        if self._draft_quantization:
+            common["draft_quantization"] = self._draft_quantization
         if cfg["implementation"] == "hf":
             accepted = tokens - target  # each target pass emits its accepted draft tokens plus one of its own
             return {"implementation": "transformers assisted generation", **common,

@@ -1,0 +1,149 @@
+"""Quantization: every linear-like layer really quantized (GPT-2's Conv1D included), smaller models,
+quality beside speed, GPU-only or missing-library variants skipped with a reason, combined variants."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from workbench.errors import NotApplicableError
+from workbench.models.loading import load_model
+from workbench.runner import execute, plan, run_sweep
+from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
+from workbench.store import Store
+from workbench.techniques._quantize import conv1d_to_linear, quantize_copy
+
+
+@pytest.fixture(scope="module")
+def target(quick_zoo: Path):
+    return load_model(ModelSpec("zoo:code-target"))
+
+
+def _spec(scheme: str, model: str = "zoo:code-target", workload: str = "code-prompts", device: str = "cpu",
+          technique: str = "quantization", **params) -> RunSpec:
+    params = {"scheme": scheme, **params} if technique == "quantization" else params
+    draft = params.pop("draft", None)
+    return RunSpec(ModelSpec(model), WorkloadSpec(workload, max_items=2, max_new_tokens=8),
+                   TechniqueSpec(technique, params, ModelSpec(draft) if draft else None), device=device,
+                   repeats=1, warmup=0)
+
+
+def test_plain_dynamic_quantization_skips_gpt2_conv1d_which_is_why_we_convert(target):
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = quantize_dynamic(target.model, {nn.Linear}, dtype=torch.qint8, inplace=False)
+    quantized = [n for n, m in plain.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")
+                 and not n.endswith("_packed_params")]
+    assert quantized == ["lm_head"]  # the silent skip: only the LM head
+    assert any(isinstance(m, Conv1D) for m in plain.modules())
+
+
+def test_conv1d_conversion_computes_the_same_function(target):
+    import copy
+
+    converted = copy.deepcopy(target.model)
+    count = conv1d_to_linear(converted)
+    assert count == sum(isinstance(m, Conv1D) for m in target.model.modules()) > 0
+    assert not any(isinstance(m, Conv1D) for m in converted.modules())
+    ids = target.tokenizer("def f(x):\n    return x", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(input_ids=ids).logits, target.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "fp16", "bf16"])
+def test_every_linear_like_layer_reported_quantized_really_is(target, scheme):
+    before = {k: v.clone() for k, v in target.model.state_dict().items()}
+    quantized, report = quantize_copy(target.model, scheme)
+    assert report["linear_layers"] == report["conv1d_converted_to_linear"] + 1  # + the LM head
+    assert report["quantized_layers"] == report["linear_layers"] and report["not_quantized"] == []
+    assert report["bytes_after"] < report["bytes_before"]
+    modules = dict(quantized.named_modules())
+    for name in [n for n, m in target.model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]:
+        module = modules[name]
+        if scheme == "int8-dynamic":
+            assert isinstance(module, torch.ao.nn.quantized.dynamic.Linear), name
+            assert module.weight().dtype == torch.qint8
+        else:
+            assert module.weight.dtype == (torch.float16 if scheme == "fp16" else torch.bfloat16), name
+    # The shared model is untouched: same tensors, Conv1D still in place.
+    assert all(torch.equal(v, before[k]) for k, v in target.model.state_dict().items())
+    assert any(isinstance(m, Conv1D) for m in target.model.modules())
+
+
+def test_gpu_only_and_missing_library_variants_fail_plan_with_a_reason(quick_zoo):
+    with pytest.raises(NotApplicableError, match="needs a CUDA GPU"):
+        plan(_spec("bnb-int8"))
+    with pytest.raises(NotApplicableError, match="needs a CUDA GPU"):
+        plan(_spec("int4-weight-only"))
+    if importlib.util.find_spec("torchao") is None:
+        with pytest.raises(NotApplicableError, match="pip install torchao"):
+            plan(_spec("int8-weight-only"))
+
+
+def test_a_sweep_skips_inapplicable_variants_and_runs_the_rest(quick_zoo, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'runs.sqlite'}")
+    results = run_sweep([_spec("bnb-nf4"), _spec("int8-dynamic")], store=store, progress=False)
+    assert [r.status for r in results] == ["skipped", "ok"]
+    assert "needs a CUDA GPU" in results[0].failure_reason
+    stored = store.runs()
+    assert sorted(stored["status"]) == ["ok", "skipped"]
+
+
+def test_lm_run_reports_perplexity_kl_and_bytes_beside_speed(quick_zoo):
+    result = execute(plan(_spec("int8-dynamic")), progress=False)
+    assert result.status == "ok", result.failure_reason
+    q = result.quality
+    assert q["perplexity_baseline"] > 1 and q["perplexity_technique"] > 1
+    assert q["perplexity_change_percent"] == pytest.approx(
+        100 * (q["perplexity_technique"] / q["perplexity_baseline"] - 1))
+    assert q["next_token_kl_mean"] >= 0 and q["quality_text_tokens"] > 0
+    tech = result.internals["technique"]
+    assert tech["library"].startswith("torch.ao") and tech["bytes_after"] < tech["bytes_before"]
+    variants = result.summary["variants"]
+    assert variants["quantization"]["model_bytes"] == tech["bytes_after"] < variants["baseline"]["model_bytes"]
+    assert result.comparison["speedup"] > 0
+
+
+def test_classifier_run_reports_accuracy_and_label_kl(quick_zoo):
+    result = execute(plan(_spec("int8-dynamic", model="zoo:code-classifier", workload="code-snippets")),
+                     progress=False)
+    assert result.status == "ok", result.failure_reason
+    assert "accuracy_change_points" in result.quality and result.quality["label_kl_mean"] >= 0
+
+
+def test_combined_variants_quantized_draft_and_quantized_early_exit(quick_zoo):
+    spec = _spec("", technique="speculative", draft="zoo:code-draft", draft_quantization="int8-dynamic")
+    result = execute(plan(spec), progress=False)
+    assert result.status == "ok", result.failure_reason
+    assert result.quality["exact_match_rate"] == 1.0  # a quantized draft changes speed, never greedy output
+    assert result.internals["technique"]["draft_quantization"]["quantized_layers"] > 0
+    spec = _spec("", technique="early_exit", model="zoo:code-classifier", workload="code-snippets",
+                 quantization="int8-dynamic")
+    result = execute(plan(spec), progress=False)
+    assert result.status == "ok", result.failure_reason
+    assert result.internals["technique"]["quantization"]["scheme"] == "int8-dynamic"
+
+
+def test_cli_acceptance_command_reports_speed_and_quality(quick_zoo, workbench_cmd, cli_env):
+    done = subprocess.run([*workbench_cmd, "run", "--technique", "quantization", "--param", "scheme=int8-dynamic",
+                           "--model", "zoo:code-target", "--workload", "code-prompts", "--max-items", "2",
+                           "--max-new-tokens", "8", "--repeats", "2", "--json"],
+                          env=cli_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["speedup"] > 0 and report["speedup_ci_low"] is not None
+    assert "perplexity_change_percent" in report["quality"]
+    done = subprocess.run([*workbench_cmd, "run", "--technique", "quantization", "--param", "scheme=bnb-int8",
+                           "--model", "zoo:code-target", "--workload", "code-prompts"],
+                          env=cli_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "needs a CUDA GPU" in done.stderr

@@ -1,0 +1,123 @@
+"""Quantization: run a quantized copy of the model beside the original, with what it costs in quality.
+
+The copy is made in :meth:`Quantization.prepare` by :func:`workbench.techniques._quantize.quantize_copy`
+(the shared model is never changed); the report says which library did it and how many linear-like
+layers and bytes were really quantized, so a silently skipped layer is visible. Quality beside speed:
+for language models, perplexity of both models on the workload's own text and the mean KL divergence
+of their next-token distributions; for classifiers, accuracy change (from the standard comparison) and
+the KL divergence of the label distributions.
+
+Example:
+    >>> from workbench.techniques.quantization import Quantization
+    >>> Quantization(scheme="int8-dynamic").config["scheme"]
+    'int8-dynamic'
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from workbench.measure import CallOutput
+from workbench.techniques._execute import classify, generate
+from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
+from workbench.techniques.base import Param, Technique, register
+
+
+@register
+class Quantization(Technique):
+    """A quantized copy of the model (int8 dynamic, int8/int4 weight-only, fp16, bf16, bitsandbytes)."""
+
+    name = "quantization"
+    applies_to = ("causal_lm", "classifier")
+    description = "int8/int4/fp16 copy of the model with a well-kept library; quality measured beside speed"
+    examples = (
+        {"model": "zoo:code-target", "workload": "code-prompts", "params": {"scheme": "int8-dynamic"}},
+        {"model": "zoo:code-classifier", "workload": "code-snippets", "params": {"scheme": "int8-dynamic"}},
+        {"model": "zoo:code-target", "workload": "code-prompts", "params": {"scheme": "bf16"}},
+    )
+    params = {
+        "scheme": Param(str, "int8-dynamic", "int8-dynamic (CPU, weights and activations), int8-weight-only, "
+                        "int4-weight-only (GPU), fp16, bf16, bnb-int8 / bnb-nf4 (GPU, bitsandbytes)",
+                        choices=tuple(SCHEMES)),
+        "quality_tokens": Param(int, 2048, "tokens of the workload's text scored for perplexity and KL; more is "
+                                "steadier and slower (untimed)", minimum=16),
+    }
+
+    @property
+    def lossless(self) -> bool:
+        return False
+
+    def why_not(self, kind: str, spec: Any) -> str | None:
+        reason = super().why_not(kind, spec)
+        if reason:
+            return reason
+        scheme = self.config["scheme"]
+        if scheme in ("fp16", "bf16") and spec.dtype != "float32":
+            return f"the model already runs in {spec.dtype}: scheme {scheme!r} compares against float32, use --dtype float32"
+        return why_not_scheme(scheme, spec.device)
+
+    def prepare(self, model: Any, spec: Any, draft: Any = None) -> None:
+        # 1. The quantized copy and what really changed.
+        self._model, self._spec = model, spec
+        self._quantized, self._report = quantize_copy(model.model, self.config["scheme"])
+        # 2. Quality that needs both models side by side (untimed): perplexity and KL on the workload's text.
+        self._quality = _distribution_quality(model, self._quantized, spec, self.config["quality_tokens"])
+
+    def run(self, batch: Any) -> CallOutput:
+        if self._model.kind == "causal_lm":
+            return generate(self._quantized, self._model.tokenizer, batch, self._spec.workload.max_new_tokens)
+        return classify(self._quantized, batch)
+
+    def internals(self, per_call: list[dict[str, Any]]) -> dict[str, Any]:
+        report = self._report
+        return {**report, "model_bytes": report["bytes_after"], "bytes_read_per_token": report["bytes_after"],
+                "compression": report["bytes_before"] / report["bytes_after"] if report["bytes_after"] else None}
+
+    def extra_quality(self, baseline: list[Any], technique: list[Any]) -> dict[str, Any]:
+        return dict(self._quality)
+
+    def release(self) -> None:
+        self._quantized = None
+
+
+def _distribution_quality(model: Any, quantized: Any, spec: Any, max_tokens: int) -> dict[str, Any]:
+    """Perplexity of both models (LMs) and mean KL(original || quantized) of their output distributions."""
+    from workbench.workloads import load_workload
+
+    texts = [item.get("prompt") or item.get("text") or "" for item in load_workload(spec.workload).items]
+    tokenizer = model.tokenizer
+    device = spec.device
+    with torch.inference_mode():
+        if model.kind == "classifier":
+            enc = tokenizer([t for t in texts if t], return_tensors="pt", padding=True, truncation=True).to(device)
+            p = torch.log_softmax(model.model(**enc).logits.float(), dim=-1)
+            q = torch.log_softmax(quantized(**enc).logits.float(), dim=-1)
+            return {"label_kl_mean": float(torch.sum(p.exp() * (p - q), dim=-1).clamp_min(0).mean()), "kl_inputs": len(texts)}
+        # Language models: score the workload's texts as one stream, in windows the model can take.
+        ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0][:max_tokens].to(device)
+        window = min(getattr(model.model.config, "n_positions", None) or getattr(
+            model.model.config, "max_position_embeddings", 512), 512)
+        nll = {"baseline": 0.0, "technique": 0.0}
+        kl_sum, scored = 0.0, 0
+        for start in range(0, max(len(ids) - 1, 1), window):
+            chunk = ids[start:start + window].unsqueeze(0)
+            if chunk.shape[1] < 2:
+                break
+            target = chunk[0, 1:]
+            p = torch.log_softmax(model.model(input_ids=chunk).logits[0, :-1].float(), dim=-1)
+            q = torch.log_softmax(quantized(input_ids=chunk).logits[0, :-1].float(), dim=-1)
+            nll["baseline"] -= float(p.gather(1, target[:, None]).sum())
+            nll["technique"] -= float(q.gather(1, target[:, None]).sum())
+            kl_sum += float(torch.sum(p.exp() * (p - q), dim=-1).clamp_min(0).sum())
+            scored += target.numel()
+    ppl_base, ppl_tech = math.exp(nll["baseline"] / scored), math.exp(nll["technique"] / scored)
+    return {
+        "perplexity_baseline": ppl_base,
+        "perplexity_technique": ppl_tech,
+        "perplexity_change_percent": 100.0 * (ppl_tech / ppl_base - 1.0),
+        "next_token_kl_mean": kl_sum / scored,
+        "quality_text_tokens": scored,
+    }
