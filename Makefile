@@ -36,6 +36,8 @@ bench: zoo
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/speculative.py
 	$(BIN)/python bench/early_exit.py
+	$(BIN)/python bench/adaptive_steps.py
+	$(BIN)/python bench/quantization.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -149,6 +149,58 @@ def run_command(
 
 
 @app.command()
+def sweep(
+    sweep_file: str = typer.Argument(..., help="YAML sweep file: models, workloads, techniques with grids."),
+    store: Optional[str] = typer.Option(None, "--store", help="SQLAlchemy URL (default: SQLite under data/)."),
+    resume: bool = typer.Option(False, "--resume", help="Skip runs already stored with status ok."),
+    timeout_per_run: Optional[float] = typer.Option(
+        None, "--timeout-per-run", help="Seconds per run, worker start-up included (overrides the file)."),
+    max_memory: Optional[float] = typer.Option(
+        None, "--max-memory", help="GB of address space per run's worker (overrides the file)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check and list the runs; run nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Run a sweep file, each run in its own worker process; a crash or timeout fails one run only.
+
+    The format is described in `workbench.sweep`. Exit codes: 0 all runs ok or skipped, 1 some run
+    failed (stored with its reason), 2 bad input, 130 interrupted (finished runs are stored).
+    """
+    import signal
+
+    from workbench import sweep as sweeps
+    from workbench.worker import WorkerLimits
+
+    # 1. Everything checked before the first run: the file, the limits, the store, every run's plan.
+    parsed = sweeps.read_sweep(sweep_file)
+    limits = WorkerLimits(timeout_per_run if timeout_per_run is not None else parsed.timeout_per_run_s,
+                          max_memory if max_memory is not None else parsed.max_memory_gb)
+    results_store = _open_store(store) if not dry_run or resume else None
+    planned = sweeps.plan_sweep(parsed)
+    done = sweeps.done_keys(results_store, parsed.specs) if resume else set()
+    skipped = sum(p.skip_reason is not None for p in planned)
+    typer.echo(f"{parsed.source}: {len(planned)} runs, {skipped} not applicable here (stored as skipped), "
+               f"{len(done)} already stored", err=True)
+    if dry_run:
+        for item in planned:
+            state = "stored" if item.spec.key() in done else f"skip: {item.skip_reason}" if item.skip_reason else "run"
+            typer.echo(f"{item.index:>5}  {item.spec.key()[:12]}  {sweeps.describe(item.spec)}  [{state}]")
+        return
+    # 2. Run; SIGTERM (a scheduler stopping the job) ends the sweep as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    outcome = sweeps.run_sweep(parsed, results_store, resume=resume, limits=limits, progress=not quiet,
+                               planned=planned)
+    typer.echo(f"{outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} skipped, "
+               f"{outcome.already_done} already stored, {outcome.missing} not run; "
+               f"{outcome.wall_s:.0f} s; store {results_store.url}")
+    if outcome.interrupted:
+        typer.echo(f"interrupted: {outcome.missing} runs not done; finished runs are stored, rerun with --resume",
+                   err=True)
+        raise typer.Exit(130)
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def runs(
     store: Optional[str] = typer.Option(None, "--store", help="SQLAlchemy URL (default: SQLite under data/)."),
     since: Optional[str] = typer.Option(None, "--since", help="Only runs newer than this: 7d, 12h, 30m or a date."),
@@ -190,6 +242,83 @@ def _runs_view(frame: Any) -> Any:
     for col in ("speedup", "speedup_ci_low", "speedup_ci_high"):
         view[col] = view[col].round(3)
     return view[columns]
+
+
+# -- meta-learner and pooling (workbench.meta, workbench.exchange) ----------------------------------
+
+
+@app.command()
+def learn(
+    store: Optional[str] = typer.Option(None, "--store", help="SQLAlchemy URL (default: SQLite under data/)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where to save the learner (default: data/meta/learner.skops)."),
+    learner: str = typer.Option("boosting", "--learner", help="boosting (default) or tree (the glass box)."),
+    budget: str = typer.Option("accuracy<=1", "--budget", help="Quality budget of the evaluation: lossless, any, accuracy<=X."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only runs newer than this: 7d, 12h or a date."),
+) -> None:
+    """Train the meta-learner on stored runs; print the leave-one-group-out evaluation table."""
+    from workbench.meta.commands import learn as learn_
+
+    typer.echo(learn_(store, out, learner=learner, budget=budget, since=since)["text"])
+
+
+@app.command()
+def recommend(
+    model: str = typer.Option(..., "--model", "-m", help="Hugging Face id, local folder, or zoo:NAME."),
+    workload: str = typer.Option(..., "--workload", "-w", help="Built-in workload name or a .jsonl file."),
+    budget: str = typer.Option("accuracy<=1", "--budget", help="lossless, any, or accuracy<=X (quality points lost)."),
+    learner_path: Optional[str] = typer.Option(None, "--learner-path", help="A saved learner (default: data/meta/learner.skops)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens generated per prompt."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Inputs per call."),
+    steps: int = typer.Option(50, "--steps", help="Diffusion steps, for diffusion models."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Recommend a technique for a model and workload on this machine, with reasons and a counterfactual."""
+    from workbench.meta.commands import recommend_for
+
+    result = recommend_for(model, workload, budget, learner_path, device=device, dtype=dtype,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, steps=steps, threads=threads)
+    typer.echo(_dump(result.to_dict()) if as_json else result.text())
+
+
+@app.command()
+def explain(
+    learner_path: Optional[str] = typer.Option(None, "--learner-path", help="A saved learner (default: data/meta/learner.skops)."),
+    html: Optional[str] = typer.Option(None, "--html", help="Also write the plotly figures to this HTML file."),
+) -> None:
+    """Global explanation of the meta-learner: importances, partial dependence, rules."""
+    from workbench.meta.commands import explain_learner
+
+    typer.echo(explain_learner(learner_path, html)["text"])
+
+
+@app.command("export")
+def export_command(
+    out: str = typer.Option(..., "--out", help="The parquet bundle to write, e.g. runs.parquet."),
+    store: Optional[str] = typer.Option(None, "--store", help="SQLAlchemy URL (default: SQLite under data/)."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only runs newer than this: 7d, 12h or a date."),
+) -> None:
+    """Export stored runs to a parquet bundle, to pool results across machines."""
+    from workbench.exchange import export_runs
+
+    source = _open_store(store)
+    typer.echo(f"exported {export_runs(source, out, since=since)} runs from {source.url} to {out}")
+
+
+@app.command("import")
+def import_command(
+    bundle: str = typer.Argument(..., help="A parquet bundle written by `workbench export`."),
+    store: Optional[str] = typer.Option(None, "--store", help="SQLAlchemy URL (default: SQLite under data/)."),
+) -> None:
+    """Import a parquet bundle into a store; runs already stored (same run_id) are skipped."""
+    from workbench.exchange import import_runs
+
+    target = _open_store(store)
+    counts = import_runs(bundle, target)
+    typer.echo(f"imported {counts['added']} of {counts['read']} runs into {target.url} "
+               f"({counts['already_stored']} already stored)")
 
 
 def _quiet_libraries() -> None:

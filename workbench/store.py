@@ -24,6 +24,7 @@ import json
 import math
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -37,12 +38,15 @@ from sqlalchemy.engine import URL, Engine, make_url
 from workbench import __version__, paths
 from workbench.errors import WorkbenchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: first release; 2: index on (spec_key, status) for resuming sweeps
 
 #: Seconds to wait for a database server before giving up (the store never hangs a scheduled job).
 CONNECT_TIMEOUT_S = 5
 #: Milliseconds a SQLite writer waits for another process's lock before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Attempts at an operation that failed with "database is locked"/"busy" (SQLite can report these
+#: without waiting, e.g. while another process creates or migrates the store).
+LOCKED_ATTEMPTS = 8
 
 UTC = dt.timezone.utc
 
@@ -129,6 +133,7 @@ runs_table = sa.Table(
     sa.Column("speedup_ci_high", sa.Float, nullable=True),
     sa.Column("significant", sa.Boolean, nullable=True),  # CI excludes 1.0
     sa.Index("ix_runs_model_created_at", "model", "created_at"),
+    sa.Index("ix_runs_spec_key_status", "spec_key", "status"),  # schema 2: resume lookups
 )
 
 #: Every column of ``runs``, in table order.
@@ -191,9 +196,12 @@ class Store:
             raise
         # 3. SQLite: write-ahead logging lets readers work while a sweep writes (persists in the file).
         if self.engine.dialect.name == "sqlite" and not _is_memory_sqlite(self._url):
-            try:
+            def switch_to_wal() -> None:
                 with self.engine.connect() as conn:
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+            try:
+                _retry_locked(switch_to_wal)
             except exc.DBAPIError as err:
                 self.engine.dispose()
                 raise StoreError(
@@ -240,9 +248,13 @@ class Store:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise StoreError(f"run_id {duplicates[0]!r} appears twice in one batch; give each run its own id")
-        try:
+
+        def insert() -> None:
             with self.engine.begin() as conn:
                 conn.execute(runs_table.insert(), records)
+
+        try:
+            _retry_locked(insert)
         except exc.IntegrityError as err:
             raise StoreError(
                 f"could not append to {self.url}: a run_id in this batch is already stored or a "
@@ -488,6 +500,23 @@ def _connect_with_timeout(engine: Engine, url: URL) -> None:
 
 
 def _check_or_create_schema(engine: Engine, url: URL) -> None:
+    """Check, create or migrate the schema; retried when another process holds the lock meanwhile.
+
+    Two processes opening one new SQLite file at once both see no tables and both try to create
+    them; the loser's error is retried, and on the retry it finds the winner's complete store.
+    """
+    for attempt in range(LOCKED_ATTEMPTS):
+        try:
+            return _check_or_create_schema_once(engine, url, last_attempt=attempt == LOCKED_ATTEMPTS - 1)
+        except _SchemaRace:
+            time.sleep(0.05 * 2**attempt)
+
+
+class _SchemaRace(Exception):
+    """Another process created or migrated the schema at the same moment; look again."""
+
+
+def _check_or_create_schema_once(engine: Engine, url: URL, last_attempt: bool) -> None:
     """Refuse a database that is not a workbench store or is newer than this code; else create tables."""
     # 1. Look before touching: which tables exist?
     try:
@@ -521,6 +550,8 @@ def _check_or_create_schema(engine: Engine, url: URL) -> None:
                     f"({__version__}, schema {SCHEMA_VERSION}); upgrade workbench: pip install -U workbench"
                 )
             _check_runs_columns(engine, url)
+            if version < SCHEMA_VERSION:
+                _migrate(engine, url, version, last_attempt)
             return
     # 4. A new store: create the tables and record the schema version, in one transaction.
     try:
@@ -529,10 +560,63 @@ def _check_or_create_schema(engine: Engine, url: URL) -> None:
             if _stored_schema_version(conn, url) is None:
                 conn.execute(meta_table.insert(), {"key": "schema_version", "value": str(SCHEMA_VERSION)})
     except exc.DBAPIError as err:
+        if not last_attempt and _is_race(err):
+            raise _SchemaRace() from None
         raise StoreError(
             f"cannot create the workbench tables in {_safe_url(url)!r} ({_first_line(err.orig)}); make "
             "the database writable, or give the user permission to create tables"
         ) from None
+
+
+def _add_spec_key_status_index(conn: sa.Connection) -> None:
+    """Schema 1 -> 2: an index on (spec_key, status), so resuming a large sweep looks runs up fast."""
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_runs_spec_key_status ON runs (spec_key, status)")
+
+
+#: Forward migrations: ``_MIGRATIONS[v]`` upgrades a store from schema ``v`` to ``v + 1``. Each one is
+#: idempotent (two processes may run it at once) and runs in the same transaction as the version bump.
+_MIGRATIONS: dict[int, Any] = {1: _add_spec_key_status_index}
+
+
+def _migrate(engine: Engine, url: URL, version: int, last_attempt: bool) -> None:
+    """Upgrade an older store to ``SCHEMA_VERSION`` in place, one step per version, rows kept."""
+    try:
+        with engine.begin() as conn:
+            current = _stored_schema_version(conn, url) or version
+            for step in range(current, SCHEMA_VERSION):
+                _MIGRATIONS[step](conn)
+            conn.execute(
+                meta_table.update().where(meta_table.c.key == "schema_version"),
+                {"value": str(max(current, SCHEMA_VERSION))},
+            )
+    except exc.DBAPIError as err:
+        if not last_attempt and _is_race(err):
+            raise _SchemaRace() from None
+        raise StoreError(
+            f"cannot migrate store {_safe_url(url)!r} from schema {version} to {SCHEMA_VERSION} "
+            f"({_first_line(err.orig)}); make the database writable, or open it with the older workbench"
+        ) from None
+
+
+def _is_race(err: exc.DBAPIError) -> bool:
+    """Whether an error comes from another process creating or migrating the schema meanwhile."""
+    text = str(err.orig).lower()
+    return isinstance(err, exc.IntegrityError) or any(
+        word in text for word in ("locked", "busy", "already exists", "unique constraint")
+    )
+
+
+def _retry_locked(operation: Any) -> Any:
+    """Run ``operation()``, retrying with back-off while SQLite reports the database locked or busy."""
+    for attempt in range(LOCKED_ATTEMPTS):
+        try:
+            return operation()
+        except exc.OperationalError as err:
+            text = str(err.orig).lower()
+            if attempt == LOCKED_ATTEMPTS - 1 or not ("locked" in text or "busy" in text):
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _stored_schema_version(conn: sa.Connection, url: URL) -> int | None:

@@ -1,0 +1,199 @@
+"""The meta-learner on a small store of real quick-zoo runs: learn, recommend, explain, persist."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workbench.errors import WorkbenchError
+from workbench.meta import evaluate, features, persist
+from workbench.meta.learner import Budget, MetaLearner
+from workbench.meta.recommend import recommend, train
+
+UNSEEN_MODEL = "zoo:code-wide"  # never in the training store
+
+
+def _spec(model: str, workload: str, technique: str, params: dict | None = None, draft: str | None = None):
+    from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
+
+    return RunSpec(ModelSpec(model), WorkloadSpec(workload, max_items=2, max_new_tokens=8),
+                   TechniqueSpec(technique, params or {}, ModelSpec(draft) if draft else None),
+                   repeats=2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def meta_store(quick_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A store of real runs: two models, two workloads, lossy and lossless techniques."""
+    from workbench import runner
+    from workbench.store import Store
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('meta') / 'runs.sqlite'}"
+    store = Store(url)
+    for spec in (
+        _spec("zoo:code-target", "code-prompts", "quantization"),
+        _spec("zoo:code-target", "code-prompts", "speculative", {"prompt_lookup_num_tokens": 3}),
+        _spec("zoo:code-target", "code-prompts", "speculative", draft="zoo:code-draft"),
+        _spec("zoo:code-classifier", "code-snippets", "quantization"),
+    ):
+        result = runner.run(spec, store=store, progress=False)
+        assert result.status == "ok", result.failure_reason
+    return url
+
+
+@pytest.fixture(scope="module")
+def runs(meta_store: str) -> pd.DataFrame:
+    from workbench.store import Store
+
+    return Store(meta_store).runs()
+
+
+def test_features_follow_the_schema(runs: pd.DataFrame) -> None:
+    table = features.run_features(runs)
+    assert len(table) == 4
+    assert set(features.FEATURE_NAMES) <= set(table.columns)
+    assert set(table["configuration"]) == {"quantization", "speculative[prompt_lookup_num_tokens=3]",
+                                           "speculative[draft=zoo:code-draft]"}
+    speculative = table[table["technique"] == "speculative"]
+    assert speculative["lossless"].all() and not table[table["technique"] == "quantization"]["lossless"].any()
+    drafted = speculative[speculative["configuration"].str.contains("draft=")]
+    assert 0 < drafted["draft_cost_ratio"].iloc[0] < 1  # the draft is smaller than the target
+    assert (table["quality_loss_points"] >= 0).all()
+    assert features.repeated_ngram_fraction(["a b c a b c"]) == 0.5
+    assert features.schema_table()["name"].tolist() == list(features.FEATURE_NAMES)
+
+
+def test_budget_parsing_names_the_bad_value() -> None:
+    assert Budget.parse("accuracy<=1").max_quality_loss_points == 1.0
+    assert Budget.parse("lossless").lossless
+    with pytest.raises(WorkbenchError, match="'fast'.*lossless"):
+        Budget.parse("fast")
+
+
+def test_learner_is_sklearn_style(runs: pd.DataFrame) -> None:
+    table = features.training_table(features.run_features(runs))
+    learner = MetaLearner(learner="tree", random_state=0)
+    assert learner.fit(table, table["log_speedup"], table["quality_loss_points"]) is learner
+    low, high = learner.predict_interval(table)
+    point = learner.predict(table)
+    assert np.all(low <= point) and np.all(point <= high)
+    assert "log speedup" in learner.rules()
+    with pytest.raises(WorkbenchError, match="learner='forest'"):
+        MetaLearner(learner="forest").fit(table, table["log_speedup"])
+
+
+def test_evaluation_table_has_learners_and_baselines(runs: pd.DataFrame) -> None:
+    table = features.training_table(features.run_features(runs))
+    results = evaluate.evaluate(table, Budget.parse("accuracy<=1"))
+    policies = set(results["policy"])
+    assert {"meta-learner (boosting)", "meta-learner (tree)", "random", "best_on_average", "expert_rules"} <= policies
+    by_model = results[results["grouping"] == "model"]
+    assert by_model["top1_accuracy"].between(0, 1).all()
+    machine = results[results["grouping"] == "machine_id"]
+    assert machine["note"].str.contains("only one machine").all()
+
+
+def test_learn_command_prints_the_table(meta_store: str, tmp_path: Path, cli_env: dict, workbench_cmd: list) -> None:
+    out = tmp_path / "learner.skops"
+    done = subprocess.run([*workbench_cmd, "learn", "--store", meta_store, "--out", str(out)], env=cli_env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "leave-one-group-out" in text and "top1_accuracy" in text and "expert_rules" in text
+    assert "only one machine" in text and "anchor (not measured here)" in text
+    assert "does not beat every baseline" in text or "beats every baseline" in text
+    assert out.is_file()
+
+
+def test_learn_on_an_empty_store_says_what_to_do(tmp_path: Path, cli_env: dict, workbench_cmd: list) -> None:
+    done = subprocess.run([*workbench_cmd, "learn", "--store", f"sqlite:///{tmp_path / 'empty.sqlite'}",
+                           "--out", str(tmp_path / "l.skops")], env=cli_env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert "no stored runs to learn from" in done.stderr and "workbench import" in done.stderr
+
+
+def test_recommend_for_an_unseen_model(meta_store: str, runs: pd.DataFrame, tmp_path: Path, cli_env: dict,
+                                       workbench_cmd: list) -> None:
+    path = persist.save(train(runs), tmp_path / "learner.skops")
+    assert UNSEEN_MODEL not in set(runs["model"])
+    done = subprocess.run([*workbench_cmd, "recommend", "--model", UNSEEN_MODEL, "--workload", "code-prompts",
+                           "--learner-path", str(path), "--json"], env=cli_env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["context"]["model"] == UNSEEN_MODEL
+    assert result["configuration"]
+    assert result["reasons"], "a recommendation explains itself"
+    assert result["counterfactual"]["text"]
+    assert result["fallback"] == (result["configuration"] == "baseline")
+    assert {c["configuration"] for c in result["candidates"]} >= {"speculative[draft=zoo:code-draft]"}
+    text = subprocess.run([*workbench_cmd, "recommend", "--model", UNSEEN_MODEL, "--workload", "code-prompts",
+                           "--learner-path", str(path)], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert "recommendation:" in text.stdout and "counterfactual:" in text.stdout
+
+
+@pytest.mark.parametrize("kind", ["boosting", "tree"])
+def test_lossless_budget_never_picks_a_lossy_technique(runs: pd.DataFrame, kind: str) -> None:
+    learner = train(runs, learner=kind)
+    measured = learner.training_table_.groupby("configuration")["quality_loss_points"].max()
+    contexts = [features.context_for(UNSEEN_MODEL, "code-prompts")]
+    contexts += [row for row in learner.training_table_.drop_duplicates("context").to_dict(orient="records")]
+    for context in contexts:
+        for min_speedup in (1.0, 0.0):  # 0.0: no fallback for lack of confidence, so a candidate is chosen
+            result = recommend(learner, context, "lossless", min_speedup=min_speedup)
+            if result.configuration == "baseline":
+                continue
+            technique = result.configuration.split("[")[0]
+            assert features.is_lossless(technique, {}) and technique == "speculative", result.configuration
+            assert measured[result.configuration] == 0.0  # identical outputs where it was measured
+    unseen = recommend(learner, contexts[0], "lossless", min_speedup=0.0)
+    assert unseen.configuration.startswith("speculative")
+    assert "quantization" in set(recommend(learner, contexts[0], "any", min_speedup=0.0).candidates["configuration"])
+
+
+def test_saved_learner_reloads_in_a_fresh_process(runs: pd.DataFrame, tmp_path: Path) -> None:
+    import skops.io
+
+    learner = train(runs, learner="boosting")
+    path = persist.save(learner, tmp_path / "learner.skops")
+    assert set(skops.io.get_untrusted_types(file=path)) <= set(persist.TRUSTED_TYPES)
+    table = learner.training_table_
+    expected = np.concatenate([learner.predict(table), *learner.predict_interval(table),
+                               learner.predict_quality_loss(table)])
+    code = ("import json, sys, numpy as np; from workbench.meta import persist; "
+            f"m = persist.load({str(path)!r}); t = m.training_table_; "
+            "v = np.concatenate([m.predict(t), *m.predict_interval(t), m.predict_quality_loss(t)]); "
+            "print(json.dumps([float(x) for x in v])); print(json.dumps(m.provenance_))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert json.loads(lines[0]) == [float(x) for x in expected]
+    provenance = json.loads(lines[1])
+    assert sorted(provenance["run_ids"]) == sorted(runs["run_id"])
+    assert provenance["machine_ids"] == sorted(runs["machine_id"].unique())
+
+
+def test_load_refuses_what_is_not_a_learner(tmp_path: Path) -> None:
+    bogus = tmp_path / "learner.skops"
+    bogus.write_bytes(b"not a zip")
+    with pytest.raises(WorkbenchError, match="not a meta-learner file"):
+        persist.load(bogus)
+    with pytest.raises(WorkbenchError, match="workbench learn"):
+        persist.load(tmp_path / "missing.skops")
+
+
+def test_explain_writes_text_and_figures(runs: pd.DataFrame, tmp_path: Path, cli_env: dict,
+                                         workbench_cmd: list) -> None:
+    path = persist.save(train(runs, learner="tree"), tmp_path / "tree.skops")
+    html = tmp_path / "explain.html"
+    done = subprocess.run([*workbench_cmd, "explain", "--learner-path", str(path), "--html", str(html)],
+                          env=cli_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "permutation importance" in done.stdout and "rules of the glass-box tree" in done.stdout
+    assert "plotly" in html.read_text()

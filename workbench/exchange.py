@@ -1,0 +1,91 @@
+"""Pool runs across machines: export stored runs to a parquet bundle, import a bundle into a store.
+
+A bundle is one parquet file with every column of the ``runs`` table; JSON columns stay JSON text
+(exactly as the store keeps them), ``created_at`` is a UTC timestamp. Import skips run_ids the store
+already has, so importing the same bundle twice adds nothing.
+
+Example:
+    >>> from workbench.store import Store
+    >>> export_runs(Store("sqlite:///a.sqlite"), "bundle.parquet", since="30d")  # doctest: +SKIP
+    12
+    >>> import_runs("bundle.parquet", Store("sqlite:///b.sqlite"))  # doctest: +SKIP
+    {'read': 12, 'added': 12, 'already_stored': 0}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from workbench.errors import WorkbenchError
+from workbench.store import JSON_COLUMNS, RUN_COLUMNS, Store, to_json
+
+BUNDLE_FORMAT = "workbench-runs-bundle"
+BUNDLE_VERSION = 1
+
+
+def export_runs(store: Store, out: str | Path, since: str | None = None) -> int:
+    """Write the store's runs (newer than ``since``, if given) to a parquet bundle; returns the count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # 1. Read, and turn JSON columns back into canonical JSON text.
+    frame = store.runs(since=since)
+    for name in JSON_COLUMNS:
+        frame[name] = [None if value is None else to_json(value, name) for value in frame[name]]
+    # 2. Write with the bundle's format in the file metadata.
+    out = Path(out)
+    if out.suffix != ".parquet":
+        raise WorkbenchError(f"bundle path {str(out)!r} does not end in .parquet: use e.g. runs.parquet")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame[list(RUN_COLUMNS)], preserve_index=False)
+    metadata = dict(table.schema.metadata or {})
+    metadata[b"workbench"] = json.dumps({"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
+                                         "source": store.url}).encode()
+    pq.write_table(table.replace_schema_metadata(metadata), out)
+    return len(frame)
+
+
+def read_bundle(path: str | Path) -> pd.DataFrame:
+    """The runs of a bundle as store rows (JSON columns parsed back into Python objects)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"bundle {str(path)!r} does not exist: create one with `workbench export --out {path}`")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise WorkbenchError(f"{str(path)!r} is not a parquet bundle ({type(exc).__name__}): "
+                             "create one with `workbench export`") from None
+    missing = [c for c in RUN_COLUMNS if c not in table.column_names]
+    if missing:
+        raise WorkbenchError(f"bundle {str(path)!r} lacks column(s) {', '.join(missing)}: it was not written by "
+                             "`workbench export`")
+    frame = table.to_pandas()
+    for name in JSON_COLUMNS:
+        frame[name] = [None if value is None else json.loads(value) for value in frame[name]]
+    return frame
+
+
+def import_runs(path: str | Path, store: Store) -> dict[str, int]:
+    """Append a bundle's runs that the store lacks (dedupe by run_id), all in one transaction."""
+    frame = read_bundle(path)
+    known = set(store.runs(columns=["run_id"])["run_id"])
+    rows = [_row(record) for record in frame.to_dict(orient="records") if record["run_id"] not in known]
+    store.append_many(rows)
+    return {"read": len(frame), "added": len(rows), "already_stored": len(frame) - len(rows)}
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    row = {}
+    for key, value in record.items():
+        if value is not None and not isinstance(value, (dict, list, str)) and pd.isna(value):
+            value = None  # NaN/NaT from parquet nulls
+        elif hasattr(value, "item") and not isinstance(value, (dict, list, str)):
+            value = value.item() if key != "created_at" else value
+        row[key] = value
+    return row

@@ -1,0 +1,529 @@
+"""Stored runs -> one feature table for the meta-learner: what was run where, and what it bought.
+
+Every successful run becomes one row keyed by its *context* (model, workload, machine, device, dtype
+and workload settings: the situation a user asks about) and its *configuration* (technique, draft and
+parameters: the candidate answer, e.g. ``speculative[draft=zoo:code-draft,num_assistant_tokens=4]``).
+Runs repeated in one context with one configuration are pooled by :func:`training_table`.
+
+``FEATURES`` is the one documented schema: each feature's name, kind (numeric or categorical), unit,
+where it comes from and whether a user can act on it (counterfactuals only vary actionable ones).
+Targets are ``log_speedup`` (natural log of baseline time / technique time) and
+``quality_loss_points`` (0 for identical outputs; see :func:`quality_loss_points`).
+
+Example:
+    >>> from workbench.store import Store
+    >>> runs = Store("sqlite:///:memory:").runs()
+    >>> run_features(runs).empty
+    True
+    >>> configuration_id("speculative", {"num_assistant_tokens": 4}, "zoo:code-draft")
+    'speculative[draft=zoo:code-draft,num_assistant_tokens=4]'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workbench.errors import WorkbenchError
+
+BASELINE_CONFIGURATION = "baseline"  # the explicit fallback: the model as it is, speedup 1.0, no loss
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One column of the feature table."""
+
+    name: str  # column name, unit in the name where there is one
+    kind: str  # "numeric" or "categorical"
+    group: str  # model | workload | hardware | configuration | pair
+    source: str  # where the value comes from in a stored run
+    actionable: bool = False  # a user can change it (threads, draft, batch size, output length)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("numeric", "categorical"):
+            raise WorkbenchError(f"feature {self.name!r} has kind {self.kind!r}: use numeric or categorical")
+
+
+#: The feature schema (order is the column order of the feature table).
+FEATURES: tuple[Feature, ...] = (
+    # model descriptors
+    Feature("model_parameters_log10", "numeric", "model", "internals.model_info.parameters (log10)"),
+    Feature("model_layers", "numeric", "model", "internals.model_info.layers"),
+    Feature("model_hidden_size", "numeric", "model", "internals.model_info.hidden_size"),
+    Feature("model_vocab_size", "numeric", "model", "internals.model_info.vocab_size"),
+    Feature("model_bytes_log10", "numeric", "model", "internals.model_info.model_bytes (log10)"),
+    Feature("model_family", "categorical", "model", "internals.model_info.family (gpt2, llama, DigitsPipeline...)"),
+    Feature("dtype", "categorical", "model", "run dtype"),
+    # workload descriptors
+    Feature("modality", "categorical", "workload", "internals.workload_info.modality"),
+    Feature("batch_size", "numeric", "workload", "spec.workload.batch_size", actionable=True),
+    Feature("prompt_chars_mean", "numeric", "workload", "mean characters of outputs[].input"),
+    Feature("prompt_repeated_3gram_fraction", "numeric", "workload",
+            "share of word 3-grams that occur more than once in a prompt (drives prompt lookup)"),
+    Feature("output_tokens", "numeric", "workload", "spec.workload.max_new_tokens (text generation only)",
+            actionable=True),
+    Feature("diffusion_steps", "numeric", "workload", "spec.workload.num_inference_steps (image generation only)",
+            actionable=True),
+    # hardware, from the environment fingerprint
+    Feature("device", "categorical", "hardware", "run device (cpu, cuda)"),
+    Feature("cpu_cores_logical", "numeric", "hardware", "environment.cpu_cores_logical"),
+    Feature("threads", "numeric", "hardware", "spec.threads or environment.torch_threads", actionable=True),
+    Feature("ram_gib", "numeric", "hardware", "environment.ram_bytes / 2**30"),
+    Feature("memory_bandwidth_gb_per_s", "numeric", "hardware",
+            "environment.(gpu_)memory_bandwidth_bytes_per_s / 1e9 for the run's device"),
+    Feature("gpu_name", "categorical", "hardware", "environment.gpu_name ('none' without a GPU)"),
+    Feature("gpu_compute_capability", "numeric", "hardware", "environment.gpu_compute_capability"),
+    # the candidate configuration
+    Feature("technique", "categorical", "configuration", "technique"),
+    Feature("configuration", "categorical", "configuration", "configuration_id(technique, params, draft)"),
+    Feature("draft_tokens", "numeric", "configuration", "params.num_assistant_tokens (speculative)"),
+    Feature("prompt_lookup_tokens", "numeric", "configuration", "params.prompt_lookup_num_tokens"),
+    Feature("quantization_bits", "numeric", "configuration", "params.scheme / quantization / draft_quantization"),
+    Feature("exit_threshold", "numeric", "configuration", "params.threshold (early exit)"),
+    Feature("step_policy", "categorical", "configuration", "params.policy (adaptive steps / early exit)"),
+    # pair descriptors (draft vs target)
+    Feature("draft_cost_ratio", "numeric", "pair",
+            "draft parameters / target parameters, or draft_layers / layers for self-speculation "
+            "(a priori cost ratio c; the measured c is an outcome, not a feature)", actionable=True),
+)
+FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+NUMERIC_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "numeric")
+CATEGORICAL_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "categorical")
+CONFIGURATION_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group in ("configuration", "pair"))
+CONTEXT_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.name not in CONFIGURATION_FEATURES)
+TARGETS: tuple[str, ...] = ("log_speedup", "quality_loss_points")
+#: Columns beside the features: identity and provenance of each row.
+KEY_COLUMNS: tuple[str, ...] = ("context", "model", "workload", "machine_id", "lossless", "params", "draft",
+                                "draft_parameters", "run_ids")
+
+_QUANT_BITS = {"int8-dynamic": 8, "int8-weight-only": 8, "bnb-int8": 8, "int4-weight-only": 4, "bnb-nf4": 4,
+               "fp16": 16, "bf16": 16}
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def schema_table() -> pd.DataFrame:
+    """The feature schema as a DataFrame (name, kind, group, source, actionable)."""
+    return pd.DataFrame([f.__dict__ for f in FEATURES])
+
+
+# ----------------------------------------------------------------------------------------------------
+# configuration identity and quality
+# ----------------------------------------------------------------------------------------------------
+
+
+def configuration_id(technique: str, params: Mapping[str, Any] | None = None, draft: str | None = None) -> str:
+    """Canonical name of a candidate: ``technique[draft=...,key=value,...]`` with sorted keys.
+
+    Example:
+        >>> configuration_id("quantization", {"scheme": "int8-dynamic"})
+        'quantization[scheme=int8-dynamic]'
+        >>> configuration_id("baseline")
+        'baseline'
+    """
+    parts = [f"draft={draft}"] if draft else []
+    parts += [f"{key}={_param_text(value)}" for key, value in sorted((params or {}).items()) if value is not None]
+    return f"{technique}[{','.join(parts)}]" if parts else technique
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def is_lossless(technique: str, params: Mapping[str, Any] | None = None) -> bool:
+    """Whether the technique promises outputs identical to the baseline's (``Technique.lossless``).
+
+    Speculative greedy decoding is lossless; quantization, early exit and adaptive steps are lossy.
+    An unknown technique or parameters that no longer validate count as lossy (never a false promise).
+    """
+    if technique == BASELINE_CONFIGURATION:
+        return True
+    from workbench import techniques
+
+    try:
+        return bool(techniques.get(technique)(**dict(params or {})).lossless)
+    except Exception:  # a technique removed or renamed since the run was stored
+        return False
+
+
+def quality_loss_points(quality: Mapping[str, Any] | None, modality: str) -> float:
+    """How much quality a run gave up, on one 0-100 "points" scale (0 = outputs identical).
+
+    - text generation: the larger of 100 x (1 - token agreement with the baseline) and the perplexity
+      increase in percent;
+    - text classification: the accuracy drop in points (or 100 x (1 - agreement) without labels);
+    - image generation: the larger of 100 x (1 - SSIM against the reference) and the judge's
+      accuracy drop in points.
+
+    Example:
+        >>> quality_loss_points({"token_agreement": 0.97}, "text-generation")
+        3.0
+    """
+    q = quality or {}
+
+    def num(key: str) -> float | None:
+        value = q.get(key)
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    losses: list[float] = []
+    if modality == "text-generation":
+        if num("token_agreement") is not None:
+            losses.append(100 * (1 - num("token_agreement")))
+        if num("perplexity_change_percent") is not None:
+            losses.append(num("perplexity_change_percent"))
+    elif modality == "text-classification":
+        if num("accuracy_change_points") is not None:
+            losses.append(-num("accuracy_change_points"))
+        elif num("agreement") is not None:
+            losses.append(100 * (1 - num("agreement")))
+    else:
+        if num("ssim_technique_vs_reference") is not None:
+            losses.append(100 * (1 - num("ssim_technique_vs_reference")))
+        if num("judge_accuracy_change_points") is not None:
+            losses.append(-num("judge_accuracy_change_points"))
+    return round(max([0.0, *losses]), 6) if losses else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------
+# runs -> features
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_features(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per successful run: key columns, every feature of ``FEATURES`` and both targets.
+
+    Args:
+        runs: ``Store.runs()`` output (failed and skipped runs, and rows without a speedup, are dropped).
+
+    Returns:
+        A DataFrame with ``KEY_COLUMNS``, ``FEATURE_NAMES``, ``TARGETS``, ``run_id`` and ``created_at``.
+    """
+    columns = ["run_id", "created_at", *KEY_COLUMNS[:-1], *FEATURE_NAMES, *TARGETS]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for run in runs.to_dict(orient="records"):
+        if run.get("status") != "ok" or run.get("speedup") is None or not (run["speedup"] > 0):
+            continue
+        if run.get("technique") == BASELINE_CONFIGURATION:
+            continue  # an A/A check of the harness, not a candidate
+        rows.append(_run_row(run))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:
+    # 1. Context: model, workload, hardware.
+    internals = run.get("internals") or {}
+    spec = run.get("spec") or {}
+    environment = run.get("environment") or {}
+    model_info = internals.get("model_info") or {}
+    modality = (internals.get("workload_info") or {}).get("modality") or "unknown"
+    prompts = [o.get("input") for o in run.get("outputs") or [] if isinstance(o, Mapping)]
+    workload = spec.get("workload") or {}
+    row: dict[str, Any] = {"run_id": run["run_id"], "created_at": run.get("created_at")}
+    row.update(model_features(model_info))
+    row.update(workload_features(modality, [p for p in prompts if isinstance(p, str)], workload))
+    row.update(hardware_features(environment, run.get("device") or "cpu", spec.get("threads")))
+    row["dtype"] = run.get("dtype") or "float32"
+    # 2. Configuration and the pair.
+    params = dict(run.get("params") or {})
+    draft = run.get("draft") if isinstance(run.get("draft"), str) and run.get("draft") else None
+    draft_info = internals.get("draft_info") or {}
+    row.update(configuration_features(run["technique"], params, draft,
+                                      draft_info.get("parameters"), model_info))
+    # 3. Keys and targets.
+    row.update(model=run["model"], workload=run["workload"], machine_id=run.get("machine_id") or "unknown")
+    row["context"] = context_id(row)
+    row["params"] = json.dumps(params, sort_keys=True)
+    row["draft"] = draft
+    row["draft_parameters"] = _number(draft_info.get("parameters"))
+    row["lossless"] = is_lossless(run["technique"], params)
+    row["log_speedup"] = math.log(float(run["speedup"]))
+    row["quality_loss_points"] = quality_loss_points(run.get("quality"), modality)
+    return row
+
+
+def context_id(row: Mapping[str, Any]) -> str:
+    """The situation a recommendation answers: model, workload, machine, device/dtype and settings."""
+    settings = [f"batch={_fmt(row.get('batch_size'))}"]
+    if row.get("modality") == "text-generation":
+        settings.append(f"tokens={_fmt(row.get('output_tokens'))}")
+    if row.get("modality") == "image-generation":
+        settings.append(f"steps={_fmt(row.get('diffusion_steps'))}")
+    settings.append(f"threads={_fmt(row.get('threads'))}")
+    return (f"{row.get('model')} | {row.get('workload')} | {row.get('machine_id')} | "
+            f"{row.get('device')}/{row.get('dtype')} | {' '.join(settings)}")
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def model_features(info: Mapping[str, Any]) -> dict[str, Any]:
+    """Model descriptors from ``internals.model_info`` (or :func:`describe_model_files`)."""
+    def log10(value: Any) -> float:
+        return math.log10(value) if isinstance(value, (int, float)) and value > 0 else float("nan")
+
+    return {
+        "model_parameters_log10": log10(info.get("parameters")),
+        "model_layers": _number(info.get("layers")),
+        "model_hidden_size": _number(info.get("hidden_size")),
+        "model_vocab_size": _number(info.get("vocab_size")),
+        "model_bytes_log10": log10(info.get("model_bytes")),
+        "model_family": str(info.get("family") or "unknown"),
+    }
+
+
+def workload_features(modality: str, prompts: list[str], workload: Mapping[str, Any]) -> dict[str, Any]:
+    """Workload descriptors: modality, batch size, prompt length and repetitiveness, output length, steps."""
+    return {
+        "modality": modality,
+        "batch_size": _number(workload.get("batch_size"), default=1.0),
+        "prompt_chars_mean": float(np.mean([len(p) for p in prompts])) if prompts else float("nan"),
+        "prompt_repeated_3gram_fraction": repeated_ngram_fraction(prompts),
+        "output_tokens": _number(workload.get("max_new_tokens")) if modality == "text-generation" else float("nan"),
+        "diffusion_steps": (_number(workload.get("num_inference_steps")) if modality == "image-generation"
+                            else float("nan")),
+    }
+
+
+def repeated_ngram_fraction(texts: Iterable[str], n: int = 3) -> float:
+    """Mean over texts of the share of word n-grams that occur more than once in the same text.
+
+    Example:
+        >>> repeated_ngram_fraction(["a b c a b c"])
+        0.5
+    """
+    shares = []
+    for text in texts:
+        words = _WORD.findall(text)
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        if not grams:
+            continue
+        counts = Counter(grams)
+        shares.append(sum(c for c in counts.values() if c > 1) / len(grams))
+    return float(np.mean(shares)) if shares else float("nan")
+
+
+def hardware_features(environment: Mapping[str, Any], device: str, threads: Any = None) -> dict[str, Any]:
+    """Hardware descriptors from an ``environment.fingerprint()`` dict."""
+    base = device.split(":")[0]
+    bandwidth = environment.get("gpu_memory_bandwidth_bytes_per_s" if base == "cuda" else
+                                "memory_bandwidth_bytes_per_s")
+    capability = environment.get("gpu_compute_capability")
+    try:
+        capability = float(capability) if capability else float("nan")
+    except (TypeError, ValueError):
+        capability = float("nan")
+    ram = environment.get("ram_bytes")
+    return {
+        "device": base,
+        "cpu_cores_logical": _number(environment.get("cpu_cores_logical")),
+        "threads": _number(threads if threads else environment.get("torch_threads")),
+        "ram_gib": ram / 2**30 if isinstance(ram, (int, float)) else float("nan"),
+        "memory_bandwidth_gb_per_s": bandwidth / 1e9 if isinstance(bandwidth, (int, float)) else float("nan"),
+        "gpu_name": str(environment.get("gpu_name") or "none"),
+        "gpu_compute_capability": capability,
+    }
+
+
+def configuration_features(technique: str, params: Mapping[str, Any], draft: str | None,
+                           draft_parameters: Any, model_info: Mapping[str, Any]) -> dict[str, Any]:
+    """Technique, its parameters and the draft/target pair, for one candidate configuration."""
+    scheme = params.get("scheme") if technique == "quantization" else None
+    scheme = scheme or params.get("quantization") or params.get("draft_quantization")
+    if technique == "quantization" and scheme is None:
+        scheme = "int8-dynamic"  # the technique's default scheme
+    ratio = float("nan")
+    target_parameters = model_info.get("parameters")
+    if technique == "speculative":
+        if draft and isinstance(draft_parameters, (int, float)) and target_parameters:
+            ratio = float(draft_parameters) / float(target_parameters)
+        elif params.get("draft_layers") and model_info.get("layers"):
+            ratio = float(params["draft_layers"]) / float(model_info["layers"])
+        elif params.get("prompt_lookup_num_tokens"):
+            ratio = 0.0  # n-gram lookup costs (almost) nothing
+    speculative_draft = technique == "speculative" and not params.get("prompt_lookup_num_tokens")
+    return {
+        "technique": technique,
+        "configuration": configuration_id(technique, params, draft),
+        "draft_tokens": _number(params.get("num_assistant_tokens"), default=4.0) if speculative_draft
+        else float("nan"),
+        "prompt_lookup_tokens": _number(params.get("prompt_lookup_num_tokens")),
+        "quantization_bits": float(_QUANT_BITS.get(str(scheme), float("nan"))) if scheme else float("nan"),
+        "exit_threshold": _number(params.get("threshold")),
+        "step_policy": str(params.get("policy") or ("predictor" if technique == "adaptive_steps" else
+                                                    "confidence" if technique == "early_exit" else "none")),
+        "draft_cost_ratio": ratio,
+    }
+
+
+def _number(value: Any, default: float = float("nan")) -> float:
+    if isinstance(value, bool) or value is None:
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return number if math.isfinite(number) else default
+
+
+# ----------------------------------------------------------------------------------------------------
+# pooled training table and candidates
+# ----------------------------------------------------------------------------------------------------
+
+
+def training_table(features: pd.DataFrame) -> pd.DataFrame:
+    """Pool repeated runs: one row per (context, configuration) with the median log speedup, the mean
+    quality loss, ``n_runs`` and the contributing ``run_ids`` (provenance).
+
+    Example:
+        >>> training_table(run_features(pd.DataFrame())).empty
+        True
+    """
+    if features.empty:
+        return pd.DataFrame(columns=[*KEY_COLUMNS, *FEATURE_NAMES, *TARGETS, "n_runs"])
+    grouped = features.groupby(["context", "configuration"], sort=True, dropna=False)
+    first = grouped.first()
+    table = first[[c for c in [*KEY_COLUMNS, *FEATURE_NAMES] if c in first.columns and c != "configuration"]].copy()
+    table["log_speedup"] = grouped["log_speedup"].median()
+    table["quality_loss_points"] = grouped["quality_loss_points"].mean()
+    table["n_runs"] = grouped.size()
+    table["run_ids"] = grouped["run_id"].agg(lambda ids: sorted(ids))
+    return table.reset_index()
+
+
+def candidates(table: pd.DataFrame) -> pd.DataFrame:
+    """The configurations seen in training, one row each, with what is needed to re-featurise them for a
+    new context: technique, params, draft, draft parameters and the modality they ran on."""
+    columns = ["configuration", "technique", "modality", "lossless", "params", "draft", "draft_parameters"]
+    if table.empty:
+        return pd.DataFrame(columns=columns)
+    return table.drop_duplicates(["configuration", "modality"])[columns].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a context the learner has never seen: read model files, workload and this machine
+# ----------------------------------------------------------------------------------------------------
+
+
+def describe_model_files(location: Path) -> dict[str, Any]:
+    """Model descriptors from files only (config.json and safetensors headers; no weights loaded).
+
+    Example:
+        >>> describe_model_files(Path("data/zoo/code-target"))["family"]  # doctest: +SKIP
+        'gpt2'
+    """
+    location = Path(location)
+    if (location / "model_index.json").is_file():  # a diffusers pipeline: describe its denoiser
+        index = json.loads((location / "model_index.json").read_text())
+        params, nbytes = _safetensors_size(location / "unet")
+        return {"family": index.get("_class_name") or "diffusion", "parameters": params, "model_bytes": nbytes,
+                "layers": None, "hidden_size": None}
+    config_path = location / "config.json"
+    if not config_path.is_file():
+        raise WorkbenchError(f"model folder {str(location)!r} has no config.json: give a save_pretrained folder")
+    config = json.loads(config_path.read_text())
+    params, nbytes = _safetensors_size(location)
+    return {
+        "family": config.get("model_type") or "unknown",
+        "architecture": (config.get("architectures") or [None])[0],
+        "parameters": params,
+        "model_bytes": nbytes,
+        "layers": config.get("num_hidden_layers") or config.get("n_layer"),
+        "hidden_size": config.get("hidden_size") or config.get("n_embd") or config.get("d_model"),
+        "vocab_size": config.get("vocab_size"),
+    }
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _safetensors_size(folder: Path) -> tuple[int | None, int | None]:
+    """Parameters and bytes summed from the JSON headers of every ``*.safetensors`` file in ``folder``."""
+    params = nbytes = 0
+    files = sorted(Path(folder).glob("*.safetensors"))
+    for path in files:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, tensor in header.items():
+            if name == "__metadata__":
+                continue
+            count = int(np.prod(tensor["shape"])) if tensor["shape"] else 1
+            params += count
+            nbytes += count * _DTYPE_BYTES.get(tensor["dtype"], 4)
+    return (params, nbytes) if files else (None, None)
+
+
+def context_for(model: str, workload: Any, device: str = "cpu", dtype: str = "float32", threads: int | None = None,
+                environment: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Context features for a model and workload that may never have been measured.
+
+    The model is described from its files (``resolve_location`` + config.json + safetensors headers),
+    the workload from ``load_workload`` and the machine from ``environment.fingerprint()``.
+
+    Args:
+        model: a Hugging Face id (cached), a local folder or ``zoo:NAME``.
+        workload: a workload name, or a ``WorkloadSpec`` (its max_new_tokens, batch size, steps count).
+    """
+    from workbench.models.loading import resolve_location
+    from workbench.specs import ModelSpec, WorkloadSpec
+    from workbench.workloads import load_workload
+
+    # 1. Model and workload from files; the machine from its fingerprint.
+    spec = workload if isinstance(workload, WorkloadSpec) else WorkloadSpec(str(workload))
+    info = describe_model_files(resolve_location(ModelSpec(model)))
+    loaded = load_workload(spec)
+    if environment is None:
+        from workbench.environment import fingerprint
+
+        environment = fingerprint(device=device.split(":")[0])
+    prompts = [str(item.get("prompt") or item.get("text") or f"class {item.get('class_label')}")
+               for item in loaded.items]
+    # 2. The same descriptors a stored run gets.
+    row: dict[str, Any] = {"model": model, "workload": spec.name, "machine_id": environment.get("machine_id") or "unknown",
+                           "dtype": dtype}
+    row.update(model_features(info))
+    row.update(workload_features(loaded.modality, prompts, spec.__dict__))
+    row.update(hardware_features(environment, device, threads))
+    row["context"] = context_id(row)
+    return row
+
+
+def candidate_rows(context: Mapping[str, Any], options: pd.DataFrame) -> pd.DataFrame:
+    """One feature row per candidate configuration of ``options`` (from :func:`candidates`) that ran on
+    the context's modality, re-featurised for this context (pair ratios use this model's size)."""
+    model_info = {"parameters": 10 ** context["model_parameters_log10"]
+                  if math.isfinite(context.get("model_parameters_log10", float("nan"))) else None,
+                  "layers": context.get("model_layers")}
+    rows = []
+    for option in options[options["modality"] == context.get("modality")].to_dict(orient="records"):
+        draft = option["draft"] if isinstance(option["draft"], str) and option["draft"] else None
+        if draft is not None and draft == context.get("model"):
+            continue  # a model cannot usefully draft for itself
+        option["draft"] = draft
+        row = {name: context.get(name) for name in CONTEXT_FEATURES}
+        row.update(context=context.get("context"), model=context.get("model"), workload=context.get("workload"),
+                   machine_id=context.get("machine_id"), lossless=bool(option["lossless"]),
+                   params=option["params"], draft=option["draft"], draft_parameters=option["draft_parameters"])
+        row.update(configuration_features(option["technique"], json.loads(option["params"]), option["draft"],
+                                          option["draft_parameters"], model_info))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*KEY_COLUMNS[:-1], *FEATURE_NAMES])

@@ -1,0 +1,291 @@
+"""The meta-learner: predict each candidate's speedup (with an interval) and quality loss, then pick.
+
+:class:`MetaLearner` is a scikit-learn-style regressor over the feature table of
+:mod:`workbench.meta.features`: ``predict`` gives the log speedup, ``predict_interval`` a lower/upper
+bound, ``predict_quality_loss`` the quality loss in points. Two learners:
+
+- ``"boosting"`` (default): gradient boosting for the point estimate plus two quantile-loss boosters for
+  the interval (``quantile`` and ``1 - quantile``) and one for quality;
+- ``"tree"``: a shallow decision tree (the glass box; ``rules()`` prints it with ``export_text``); its
+  interval is the spread of the training targets in the leaf a row falls into.
+
+:func:`decide` turns predictions into one choice under a :class:`Budget`, with the baseline as explicit
+fallback when no allowed candidate's lower bound beats 1.0.
+
+Example:
+    >>> from workbench.store import Store
+    >>> from workbench.meta import features
+    >>> table = features.training_table(features.run_features(Store("sqlite:///data/seed/seed.sqlite").runs()))  # doctest: +SKIP
+    >>> learner = MetaLearner(random_state=0).fit(table, table["log_speedup"], table["quality_loss_points"])  # doctest: +SKIP
+    >>> Budget.parse("accuracy<=1").max_quality_loss_points
+    1.0
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.ensemble import GradientBoostingRegressor
+from sklearn.tree import DecisionTreeRegressor, export_text
+
+from workbench.errors import WorkbenchError
+from workbench.meta.features import (
+    BASELINE_CONFIGURATION,
+    CATEGORICAL_FEATURES,
+    FEATURE_NAMES,
+    NUMERIC_FEATURES,
+)
+
+LEARNERS = ("boosting", "tree")
+MISSING_NUMBER = -1.0  # stands for "not applicable / unknown" in numeric features (trees split it off)
+_BUDGET = re.compile(r"^\s*(accuracy|quality|loss)\s*<=\s*(\d+(?:\.\d+)?)\s*$", re.IGNORECASE)
+
+
+class MetaLearnerError(WorkbenchError):
+    """A meta-learner problem explained in one line that names the bad value and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# the quality budget
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much quality a recommendation may give up.
+
+    Example:
+        >>> Budget.parse("lossless").allows(lossless=False, quality_loss_points=0.0)
+        False
+        >>> Budget.parse("accuracy<=1").allows(lossless=False, quality_loss_points=0.4)
+        True
+    """
+
+    text: str  # as the user wrote it: lossless, any, accuracy<=1, loss<=2.5
+    max_quality_loss_points: float  # the largest quality loss allowed (0-100 points scale); inf: any
+    lossless: bool = False  # only techniques that promise identical outputs (speculative greedy)
+
+    def __post_init__(self) -> None:
+        if not self.max_quality_loss_points >= 0:
+            raise MetaLearnerError(f"budget {self.text!r} allows a negative loss: use e.g. accuracy<=1")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """``lossless``, ``any``, or ``accuracy<=X`` / ``quality<=X`` / ``loss<=X`` (X in points)."""
+        cleaned = str(text).strip().lower()
+        if cleaned == "lossless":
+            return cls("lossless", 0.0, lossless=True)
+        if cleaned == "any":
+            return cls("any", math.inf)
+        match = _BUDGET.match(cleaned)
+        if not match:
+            raise MetaLearnerError(
+                f"budget {text!r} is not understood: use lossless, any, or accuracy<=X (X quality points "
+                "lost, e.g. accuracy<=1)"
+            )
+        return cls(cleaned.replace(" ", ""), float(match.group(2)))
+
+    def allows(self, lossless: bool, quality_loss_points: float) -> bool:
+        """Whether a configuration with this lossless promise and quality loss fits the budget."""
+        if self.lossless:
+            return bool(lossless)
+        loss = 0.0 if quality_loss_points is None or math.isnan(quality_loss_points) else quality_loss_points
+        return bool(lossless) or loss <= self.max_quality_loss_points
+
+
+# ----------------------------------------------------------------------------------------------------
+# the estimator
+# ----------------------------------------------------------------------------------------------------
+
+
+class MetaLearner(RegressorMixin, BaseEstimator):
+    """Predict log speedup (with an interval) and quality loss of a configuration in a context.
+
+    Args:
+        learner: ``"boosting"`` (gradient boosting, default) or ``"tree"`` (a shallow decision tree).
+        n_estimators: boosting rounds; more fit the training contexts closer, and overfit small stores.
+        max_depth: tree depth; None: 3 for boosting, 4 for the tree (deeper, less readable rules).
+        learning_rate: boosting shrinkage; smaller needs more rounds and generalises more smoothly.
+        quantile: the interval is [quantile, 1 - quantile]; 0.1 gives an 80% interval.
+        min_samples_leaf: rows per leaf; larger, smoother and more conservative predictions.
+        random_state: seeds boosting's row subsampling (and tree tie-breaking).
+
+    Example:
+        >>> learner = MetaLearner(learner="tree", random_state=0)
+        >>> learner.get_params()["learner"]
+        'tree'
+    """
+
+    def __init__(self, learner: str = "boosting", n_estimators: int = 150, max_depth: int | None = None,
+                 learning_rate: float = 0.05, quantile: float = 0.1, min_samples_leaf: int = 2,
+                 random_state: int | None = 0) -> None:
+        self.learner = learner
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.quantile = quantile
+        self.min_samples_leaf = min_samples_leaf
+        self.random_state = random_state
+
+    # -- fitting -----------------------------------------------------------------------------------
+
+    def fit(self, X: pd.DataFrame, y: Any, quality_loss_points: Any = None) -> MetaLearner:
+        """Learn from a feature table ``X`` (columns ``FEATURE_NAMES``), log speedups ``y`` and,
+        optionally, quality losses in points (default: zero)."""
+        # 1. Check the settings and the data.
+        if self.learner not in LEARNERS:
+            raise MetaLearnerError(f"learner={self.learner!r} is unknown: use one of {', '.join(LEARNERS)}")
+        if not 0 < self.quantile < 0.5:
+            raise MetaLearnerError(f"quantile={self.quantile!r} is invalid: use a value in (0, 0.5), e.g. 0.1")
+        target = np.asarray(y, dtype=float)
+        if len(X) != len(target) or len(target) < 2:
+            raise MetaLearnerError(
+                f"need at least 2 training rows with one target each (got {len(X)} rows, {len(target)} targets): "
+                "run `workbench sweep` for more runs"
+            )
+        quality = np.zeros(len(target)) if quality_loss_points is None else np.nan_to_num(
+            np.asarray(quality_loss_points, dtype=float), nan=0.0)
+        # 2. Encoding: categories seen in training; numbers as they are, missing as -1.
+        self.categories_ = {name: sorted({str(v) for v in X[name]}) for name in CATEGORICAL_FEATURES}
+        self.encoded_columns_ = list(NUMERIC_FEATURES) + [
+            f"{name}={value}" for name in CATEGORICAL_FEATURES for value in self.categories_[name]
+        ]
+        self.feature_names_ = list(FEATURE_NAMES)
+        self.n_features_in_ = len(FEATURE_NAMES)
+        matrix = self.encode(X)
+        # 3. Models.
+        depth = self.max_depth or (3 if self.learner == "boosting" else 4)
+        if self.learner == "boosting":
+            def booster(**loss: Any) -> GradientBoostingRegressor:
+                return GradientBoostingRegressor(
+                    n_estimators=self.n_estimators, max_depth=depth, learning_rate=self.learning_rate,
+                    min_samples_leaf=self.min_samples_leaf, subsample=0.8 if len(target) >= 20 else 1.0,
+                    random_state=self.random_state, **loss)
+
+            self.speed_model_ = booster().fit(matrix, target)
+            self.speed_low_model_ = booster(loss="quantile", alpha=self.quantile).fit(matrix, target)
+            self.speed_high_model_ = booster(loss="quantile", alpha=1 - self.quantile).fit(matrix, target)
+            self.quality_model_ = booster().fit(matrix, quality)
+        else:
+            def tree(d: int) -> DecisionTreeRegressor:
+                return DecisionTreeRegressor(max_depth=d, min_samples_leaf=self.min_samples_leaf,
+                                             random_state=self.random_state)
+
+            self.speed_model_ = tree(depth).fit(matrix, target)
+            self.quality_model_ = tree(max(depth - 1, 1)).fit(matrix, quality)
+            leaves = self.speed_model_.apply(matrix)
+            self.leaf_ids_ = np.unique(leaves)
+            self.leaf_low_ = np.array([np.quantile(target[leaves == leaf], self.quantile) for leaf in self.leaf_ids_])
+            self.leaf_high_ = np.array([np.quantile(target[leaves == leaf], 1 - self.quantile)
+                                        for leaf in self.leaf_ids_])
+        # 4. What explanations compare against: the typical training row.
+        self.reference_ = {name: (float(np.nanmedian(X[name].astype(float))) if X[name].notna().any() else None)
+                           if name in NUMERIC_FEATURES else str(X[name].mode().iloc[0]) for name in FEATURE_NAMES}
+        self.residual_std_ = float(np.std(target - self.speed_model_.predict(matrix)))
+        return self
+
+    # -- predicting --------------------------------------------------------------------------------
+
+    def encode(self, X: pd.DataFrame) -> np.ndarray:
+        """The model matrix (rows, ``len(encoded_columns_)``): numbers, then one-hot categories."""
+        missing = [name for name in FEATURE_NAMES if name not in X.columns]
+        if missing:
+            raise MetaLearnerError(
+                f"feature table lacks {', '.join(missing)}: build it with workbench.meta.features.run_features"
+            )
+        numbers = X[list(NUMERIC_FEATURES)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+        numbers = np.where(np.isfinite(numbers), numbers, MISSING_NUMBER)
+        blocks = [numbers]
+        for name in CATEGORICAL_FEATURES:
+            values = X[name].astype(str).to_numpy()
+            blocks.append(np.stack([values == v for v in self.categories_[name]], axis=1).astype(float)
+                          if self.categories_[name] else np.zeros((len(X), 0)))
+        return np.hstack(blocks)
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        """Predicted log speedup per row (natural log; exp() is the speedup over the baseline)."""
+        return self.speed_model_.predict(self.encode(X))
+
+    def predict_interval(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bound of the log speedup (quantile and 1 - quantile), never crossing ``predict``."""
+        matrix = self.encode(X)
+        point = self.speed_model_.predict(matrix)
+        if self.learner == "boosting":
+            low, high = self.speed_low_model_.predict(matrix), self.speed_high_model_.predict(matrix)
+        else:
+            index = np.searchsorted(self.leaf_ids_, self.speed_model_.apply(matrix))
+            low, high = self.leaf_low_[index], self.leaf_high_[index]
+        return np.minimum(low, point), np.maximum(high, point)
+
+    def predict_quality_loss(self, X: pd.DataFrame) -> np.ndarray:
+        """Predicted quality loss in points (>= 0)."""
+        return np.clip(self.quality_model_.predict(self.encode(X)), 0.0, None)
+
+    def predict_frame(self, X: pd.DataFrame) -> pd.DataFrame:
+        """Predictions as a DataFrame: ``predicted_speedup``, ``speedup_low``, ``speedup_high``,
+        ``predicted_quality_loss_points`` (speedups as ratios, not logs)."""
+        low, high = self.predict_interval(X)
+        return pd.DataFrame({
+            "predicted_speedup": np.exp(self.predict(X)), "speedup_low": np.exp(low), "speedup_high": np.exp(high),
+            "predicted_quality_loss_points": self.predict_quality_loss(X),
+        }, index=X.index)
+
+    def rules(self) -> str:
+        """The glass box's rules as text (``export_text``); for boosting, its first tree's."""
+        tree = self.speed_model_ if self.learner == "tree" else self.speed_model_.estimators_[0, 0]
+        text = export_text(tree, feature_names=self.encoded_columns_, decimals=3)
+        return text.replace("value: [", "log speedup: [") if self.learner == "tree" else text
+
+
+# ----------------------------------------------------------------------------------------------------
+# choosing
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One choice among candidates, with why."""
+
+    configuration: str  # the chosen configuration, or "baseline"
+    fallback: bool  # True when the baseline was kept because no candidate was good and sure enough
+    reason: str  # one sentence
+
+
+def decide(table: pd.DataFrame, budget: Budget, min_speedup: float = 1.0,
+           speed: str = "predicted_speedup", low: str = "speedup_low",
+           quality: str = "predicted_quality_loss_points") -> Decision:
+    """The allowed candidate with the best ``speed`` whose ``low`` bound beats ``min_speedup``.
+
+    Args:
+        table: one row per candidate with ``configuration``, ``lossless`` and the named columns.
+        budget: which candidates are allowed (by ``lossless`` and ``quality``).
+
+    Example:
+        >>> t = pd.DataFrame({"configuration": ["a", "b"], "lossless": [True, False],
+        ...                   "predicted_speedup": [1.5, 2.0], "speedup_low": [1.1, 1.4],
+        ...                   "predicted_quality_loss_points": [0.0, 3.0]})
+        >>> decide(t, Budget.parse("lossless")).configuration
+        'a'
+    """
+    if table.empty:
+        return Decision(BASELINE_CONFIGURATION, True, "no candidate configuration applies to this context")
+    allowed = table[[budget.allows(bool(lossless), float(q))
+                     for lossless, q in zip(table["lossless"], table[quality])]]
+    if allowed.empty:
+        return Decision(BASELINE_CONFIGURATION, True,
+                        f"no candidate fits the quality budget {budget.text!r}: keep the baseline")
+    best = allowed.sort_values([speed, low], ascending=False).iloc[0]
+    if not best[low] > min_speedup:
+        return Decision(BASELINE_CONFIGURATION, True,
+                        f"no candidate is predicted to beat the baseline with confidence (best: "
+                        f"{best['configuration']} at {best[speed]:.2f}x, lower bound {best[low]:.2f}x <= "
+                        f"{min_speedup:.2f}x): keep the baseline")
+    return Decision(str(best["configuration"]), False,
+                    f"{best['configuration']} has the best predicted speedup within budget {budget.text!r} "
+                    f"({best[speed]:.2f}x, lower bound {best[low]:.2f}x)")

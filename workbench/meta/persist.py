@@ -1,0 +1,130 @@
+"""Save and load a trained meta-learner without pickle.
+
+The file is a ``skops.io`` archive holding a dict: the scikit-learn models, and one JSON text with
+everything else (settings, encoding, feature schema, candidates, training table and provenance: run
+ids and machine ids). Loading refuses any type outside ``TRUSTED_TYPES`` (scikit-learn trees and
+losses, numpy arrays and builtins), so a tampered file cannot run code.
+
+Example:
+    >>> from workbench.meta.recommend import train  # doctest: +SKIP
+    >>> save(learner, "data/meta/learner.skops"); load("data/meta/learner.skops").predict(X)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workbench import paths
+from workbench.errors import WorkbenchError
+from workbench.meta import features
+from workbench.meta.learner import MetaLearner
+
+FORMAT = "workbench-meta-learner"
+FORMAT_VERSION = 1
+#: The only types a learner file may contain besides builtins (checked before anything is built).
+TRUSTED_TYPES: tuple[str, ...] = (
+    "sklearn.ensemble._gb.GradientBoostingRegressor",
+    "sklearn.tree._classes.DecisionTreeRegressor",
+    "sklearn.tree._tree.Tree",
+    "sklearn.dummy.DummyRegressor",
+    "sklearn._loss.loss.HalfSquaredError",
+    "sklearn._loss.loss.PinballLoss",
+    "sklearn._loss.link.IdentityLink",
+    "sklearn._loss.link.Interval",
+    "sklearn._loss._loss.CyHalfSquaredError",
+    "sklearn._loss._loss.CyPinballLoss",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.float64",
+    "numpy.int64",
+    "builtins.slice",
+)
+_MODELS = ("speed_model_", "speed_low_model_", "speed_high_model_", "quality_model_")
+_STATE = ("categories_", "encoded_columns_", "feature_names_", "n_features_in_", "reference_", "residual_std_",
+          "candidates_", "provenance_")
+
+
+def default_path() -> Path:
+    """Where ``workbench learn`` saves and ``recommend``/``explain`` look: ``<data>/meta/learner.skops``."""
+    return paths.data_dir() / "meta" / "learner.skops"
+
+
+def save(learner: MetaLearner, path: str | Path | None = None) -> Path:
+    """Write a fitted learner (from ``recommend.train``) to ``path``; returns the path."""
+    import skops.io
+
+    path = Path(path) if path is not None else default_path()
+    if not hasattr(learner, "speed_model_"):
+        raise WorkbenchError("the meta-learner is not trained: train it with `workbench learn` first")
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "params": learner.get_params(),
+        "feature_schema": features.schema_table().to_dict(orient="records"),
+        "state": {name: getattr(learner, name) for name in _STATE if hasattr(learner, name)},
+        "training_table": _records(learner.training_table_) if hasattr(learner, "training_table_") else None,
+    }
+    for name in ("leaf_ids_", "leaf_low_", "leaf_high_"):
+        if hasattr(learner, name):
+            meta["state"][name] = getattr(learner, name).tolist()
+    models = {name: getattr(learner, name) for name in _MODELS if hasattr(learner, name)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    skops.io.dump({"meta": json.dumps(_json_safe(meta), sort_keys=True, allow_nan=False), "models": models},
+                  path)
+    return path
+
+
+def load(path: str | Path | None = None) -> MetaLearner:
+    """Read a learner saved by :func:`save`; refuses files with types outside ``TRUSTED_TYPES``."""
+    import skops.io
+
+    # 1. The file exists and holds only trusted types.
+    path = Path(path) if path is not None else default_path()
+    if not path.is_file():
+        raise WorkbenchError(f"no trained meta-learner at {str(path)!r}: run `workbench learn` first "
+                             "(or pass --learner-path)")
+    try:
+        untrusted = skops.io.get_untrusted_types(file=path)
+    except Exception as exc:
+        raise WorkbenchError(f"{str(path)!r} is not a meta-learner file ({type(exc).__name__}): "
+                             "train one with `workbench learn`") from None
+    refused = sorted(set(untrusted) - set(TRUSTED_TYPES))
+    if refused:
+        raise WorkbenchError(f"{str(path)!r} holds untrusted type(s) {', '.join(refused)}: refusing to load it; "
+                             "retrain with `workbench learn`")
+    state = skops.io.load(path, trusted=list(untrusted))
+    meta = json.loads(state["meta"])
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise WorkbenchError(f"{str(path)!r} is format {meta.get('format')!r} v{meta.get('format_version')}, "
+                             f"not {FORMAT} v{FORMAT_VERSION}: retrain with `workbench learn`")
+    # 2. Rebuild the estimator.
+    learner = MetaLearner(**meta["params"])
+    for name, value in state["models"].items():
+        setattr(learner, name, value)
+    for name, value in meta["state"].items():
+        setattr(learner, name, np.asarray(value) if name.startswith("leaf_") else value)
+    if meta.get("training_table") is not None:
+        learner.training_table_ = pd.DataFrame(meta["training_table"])
+    learner.feature_schema_ = meta["feature_schema"]
+    return learner
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: _json_safe(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf as None and numpy scalars as Python numbers, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,155 @@
+"""Train from stored runs, and recommend a configuration for a (possibly never measured) context.
+
+Example:
+    >>> from workbench.store import Store
+    >>> learner = train(Store("sqlite:///data/seed/seed.sqlite").runs())  # doctest: +SKIP
+    >>> rec = recommend(learner, features.context_for("zoo:code-wide", "code-prompts"), "lossless")  # doctest: +SKIP
+    >>> print(rec.text())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from workbench.errors import WorkbenchError
+from workbench.meta import explain, features
+from workbench.meta.features import BASELINE_CONFIGURATION, FEATURE_NAMES
+from workbench.meta.learner import Budget, MetaLearner, decide
+
+NO_RUNS_HINT = ("run `workbench sweep` or import the seed with `workbench import data/seed/runs.parquet`")
+#: Columns of the training table kept inside a saved learner (for explanations and provenance).
+KEPT_COLUMNS = list(dict.fromkeys(["context", "model", "workload", "machine_id", "configuration", "lossless",
+                                   "n_runs", *FEATURE_NAMES, "log_speedup", "quality_loss_points"]))
+
+
+def train(runs: pd.DataFrame, learner: str = "boosting", random_state: int = 0,
+          source: str | None = None) -> MetaLearner:
+    """Fit a meta-learner on stored runs and attach what recommending and explaining need.
+
+    Adds ``candidates_`` (configurations seen), ``training_table_`` (the pooled table) and
+    ``provenance_`` (run ids, machine ids, store, time) to the fitted learner.
+
+    Raises:
+        WorkbenchError: when the runs hold fewer than two successful comparisons.
+    """
+    # 1. Features and the pooled table.
+    table = features.training_table(features.run_features(runs))
+    if len(table) < 2:
+        raise WorkbenchError(f"no stored runs to learn from ({len(table)} usable comparison(s) in "
+                             f"{source or 'the store'}): {NO_RUNS_HINT}")
+    # 2. Fit, then keep candidates, the table and provenance beside the learned state.
+    fitted = MetaLearner(learner=learner, random_state=random_state).fit(
+        table[list(FEATURE_NAMES)], table["log_speedup"], table["quality_loss_points"])
+    fitted.candidates_ = features.candidates(table).to_dict(orient="records")
+    fitted.training_table_ = table[KEPT_COLUMNS].reset_index(drop=True)
+    fitted.provenance_ = {
+        "run_ids": sorted({run_id for ids in table["run_ids"] for run_id in ids}),
+        "machine_ids": sorted(table["machine_id"].astype(str).unique()),
+        "models": sorted(table["model"].astype(str).unique()),
+        "workloads": sorted(table["workload"].astype(str).unique()),
+        "source": source,
+        "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return fitted
+
+
+@dataclass
+class Recommendation:
+    """A recommendation with its prediction, uncertainty, reasons, counterfactual and fallback."""
+
+    context: dict[str, Any]  # the context features it answers
+    budget: str  # the quality budget as given
+    configuration: str  # the recommended configuration, or "baseline"
+    predicted_speedup: float  # point prediction (1.0 for the baseline)
+    speedup_low: float  # lower bound of the interval
+    speedup_high: float  # upper bound of the interval
+    predicted_quality_loss_points: float  # 0-100 points scale; 0 for the baseline
+    fallback: bool  # the baseline was kept because no candidate was good and sure enough
+    decision: str  # one sentence: why this choice
+    best_candidate: str | None  # the best allowed candidate, even when the baseline was kept
+    reasons: list[str] = field(default_factory=list)  # the largest feature contributions, as sentences
+    counterfactual: dict[str, Any] | None = None  # smallest actionable change that flips the choice
+    candidates: pd.DataFrame = field(default_factory=pd.DataFrame)  # every candidate's predictions
+    contributions: pd.DataFrame = field(default_factory=pd.DataFrame)  # of the explained candidate
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the fields above, candidates and contributions as lists of records."""
+        data = {k: v for k, v in self.__dict__.items() if k not in ("candidates", "contributions")}
+        data["candidates"] = self.candidates.to_dict(orient="records")
+        data["contributions"] = self.contributions.to_dict(orient="records")
+        return data
+
+    def text(self) -> str:
+        """Plain-text report for the terminal."""
+        c = self.context
+        lines = [f"context: {c.get('model')} on {c.get('workload')} ({c.get('modality')}), "
+                 f"{c.get('device')}/{c.get('dtype')}, machine {c.get('machine_id')}",
+                 f"budget: {self.budget}"]
+        if self.fallback:
+            lines.append(f"recommendation: baseline (fallback) - {self.decision}")
+        else:
+            lines.append(f"recommendation: {self.configuration}")
+            lines.append(f"predicted speedup: {self.predicted_speedup:.2f}x (80% interval "
+                         f"{self.speedup_low:.2f}x - {self.speedup_high:.2f}x), predicted quality loss "
+                         f"{self.predicted_quality_loss_points:.2f} points")
+            lines.append("fallback: the baseline, if the measured speedup's interval contains 1.0")
+        explained = self.configuration if not self.fallback else self.best_candidate
+        if explained:
+            lines.append(f"reasons ({explained}):")
+            lines += [f"  - {reason}" for reason in self.reasons] or ["  - (no feature moved the prediction)"]
+        lines.append("counterfactual: " + (self.counterfactual or {}).get("text", "none computed"))
+        shown = self.candidates[["configuration", "allowed", "predicted_speedup", "speedup_low", "speedup_high",
+                                 "predicted_quality_loss_points"]] if not self.candidates.empty else self.candidates
+        lines.append("candidates:")
+        lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}") if not shown.empty
+                     else "  (none)")
+        return "\n".join(lines)
+
+
+def recommend(learner: MetaLearner, context: dict[str, Any], budget: str | Budget = "accuracy<=1",
+              min_speedup: float = 1.0) -> Recommendation:
+    """Predict every known configuration in ``context`` and choose under ``budget``.
+
+    Args:
+        learner: a fitted learner from :func:`train` (or ``persist.load``).
+        context: context features, from ``features.context_for(...)`` or a training row.
+        budget: ``lossless``, ``any`` or ``accuracy<=X``.
+        min_speedup: the lower bound a candidate must beat, else the baseline is kept.
+    """
+    # 1. Candidates for this context, predicted.
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    rows = features.candidate_rows(context, pd.DataFrame(learner.candidates_))
+    if rows.empty:
+        decision = decide(rows, budget)
+        return Recommendation(context, budget.text, BASELINE_CONFIGURATION, 1.0, 1.0, 1.0, 0.0, True,
+                              f"no configuration in the training data ran on {context.get('modality')} "
+                              "workloads: keep the baseline; measure some with `workbench sweep`", None)
+    predicted = pd.concat([rows[["configuration", "lossless"]], learner.predict_frame(rows)], axis=1)
+    predicted["allowed"] = [budget.allows(bool(l), float(q)) for l, q in
+                            zip(predicted["lossless"], predicted["predicted_quality_loss_points"])]
+    predicted = predicted.sort_values("predicted_speedup", ascending=False)
+    # 2. The decision, and the candidate it is about.
+    decision = decide(predicted, budget, min_speedup=min_speedup)
+    allowed = predicted[predicted["allowed"]]
+    best = allowed.index[0] if not allowed.empty else None
+    explained = best if decision.fallback else predicted.index[predicted["configuration"] == decision.configuration][0]
+    # 3. Reasons and a counterfactual.
+    parts = explain.contributions(learner, rows.loc[[explained]]) if explained is not None else pd.DataFrame()
+    flip = explain.counterfactual(learner, rows, budget, decision)
+    chosen = predicted.loc[explained] if not decision.fallback else None
+    return Recommendation(
+        context=dict(context), budget=budget.text, configuration=decision.configuration,
+        predicted_speedup=float(chosen["predicted_speedup"]) if chosen is not None else 1.0,
+        speedup_low=float(chosen["speedup_low"]) if chosen is not None else 1.0,
+        speedup_high=float(chosen["speedup_high"]) if chosen is not None else 1.0,
+        predicted_quality_loss_points=float(chosen["predicted_quality_loss_points"]) if chosen is not None else 0.0,
+        fallback=decision.fallback, decision=decision.reason,
+        best_candidate=str(predicted.loc[best, "configuration"]) if best is not None else None,
+        reasons=explain.reasons(parts) if not parts.empty else [], counterfactual=flip,
+        candidates=predicted.reset_index(drop=True), contributions=parts,
+    )
+

@@ -1,0 +1,295 @@
+"""Run one trial in its own worker process, so a crash, a hang or a memory blow-up costs one run only.
+
+The worker is started with multiprocessing's *spawn* context (a fresh interpreter, never a fork of the
+parent), plans and executes one :class:`~workbench.specs.RunSpec` and sends the finished store row back
+through a pipe as JSON text; the parent writes it to the store. Whatever happens to the worker, the
+parent gets a row: a timeout, a signal (segfault, abort, the kernel's OOM killer), an exception or a
+memory limit all become a *failed* run with a one-line reason, e.g. ``worker killed by signal SIGSEGV``
+or ``timed out after 30 s``.
+
+Limits:
+    ``timeout_s`` is the wall-clock time of the run itself: it starts when the worker has imported its
+    libraries and planned the spec (a few seconds, bounded separately by ``STARTUP_TIMEOUT_S``), so a
+    busy machine's slow imports never time a run out.
+    ``max_memory_gb`` caps the worker's address space with ``resource.setrlimit(RLIMIT_AS)``; note that
+    torch alone reserves about 1.5 GB of address space on import, so limits under ~3 GB fail every run.
+
+Testing aid (read only here, in the worker): ``WORKBENCH_FAULT_INJECT`` makes chosen trials fail for
+real, to test the isolation itself. It is a comma-separated list of ``KIND:TARGET``, where TARGET is the
+run's index in the sweep (0-based) or a prefix (8+ characters) of its ``RunSpec.key()``, and KIND is one
+of ``segfault`` (reads address 0), ``abort`` (``os.abort()``), ``hang`` (sleeps forever), ``exception``
+(raises RuntimeError), ``oom`` (allocates until MemoryError, under ``max_memory_gb`` or 512 MB more
+than it has mapped) or ``exit`` (``os._exit(3)``). Faults fire
+after the worker has imported and planned, right before measuring. Never set it outside tests.
+
+Example:
+    >>> from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
+    >>> spec = RunSpec(ModelSpec("zoo:code-classifier"), WorkloadSpec("code-snippets", max_items=4),
+    ...                TechniqueSpec("quantization"), repeats=1)
+    >>> row = run_isolated(spec, WorkerLimits(timeout_s=120))  # doctest: +SKIP
+    >>> row["status"], row["internals"]["worker"]["startup_s"]  # doctest: +SKIP
+    ('ok', 3.1)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.specs import RunSpec, SpecError
+
+FAULT_ENV = "WORKBENCH_FAULT_INJECT"
+FAULT_KINDS = ("segfault", "abort", "hang", "exception", "oom", "exit")
+_PARENT_CHECK_S = 1.0  # how often a worker checks that its parent is still alive
+#: Seconds a worker may take to start: spawn a fresh interpreter, import torch and transformers, plan.
+STARTUP_TIMEOUT_S = 300.0
+_READY = b"ready"  # the worker's first message: imports and plan done, the run starts
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """Limits on one trial's worker process.
+
+    Example:
+        >>> WorkerLimits(timeout_s=600, max_memory_gb=8).max_memory_bytes
+        8589934592
+    """
+
+    timeout_s: float | None = None  # wall-clock seconds per run after start-up; None waits forever
+    max_memory_gb: float | None = None  # address-space cap (RLIMIT_AS) in GiB; None leaves it unlimited
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "max_memory_gb"):
+            value = getattr(self, name)
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                   and 0 < value < float("inf"))
+            if not ok:
+                flag = "--timeout-per-run" if name == "timeout_s" else "--max-memory"
+                raise SpecError(f"{name}={value!r} is invalid: give {flag} a positive number, or leave it out")
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory_gb is None else int(self.max_memory_gb * 2**30)
+
+
+def run_isolated(spec: RunSpec, limits: WorkerLimits = WorkerLimits(), index: int = 0,
+                 environment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``spec`` in a fresh spawned process and return its store row (JSON-safe dict).
+
+    Never raises for what happens inside the worker; a ``KeyboardInterrupt`` in the parent kills the
+    worker and is re-raised (the unfinished run is not returned, so it is never stored as ok).
+
+    Args:
+        spec: a spec that :func:`workbench.runner.plan` accepts.
+        limits: timeout and memory cap.
+        index: the run's position in its sweep (used only by ``WORKBENCH_FAULT_INJECT``).
+        environment: the fingerprint to store with a run whose worker died without reporting one.
+    """
+    import multiprocessing
+
+    # 1. Start the worker with one end of a pipe; close our copy of that end so a dead worker reads as EOF.
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    started = time.perf_counter()
+    process = context.Process(
+        target=_worker_main, name=f"workbench-run-{index}", daemon=True,
+        args=(json.dumps(spec.to_dict()), index, limits.max_memory_bytes, time.time(), sender),
+    )
+    try:
+        process.start()
+        sender.close()
+        # 2. Wait for start-up, then for the row, the worker's death or the timeout, whichever comes first.
+        message, reason = _receive(receiver, STARTUP_TIMEOUT_S), None
+        if message is _TIMEOUT:
+            message, reason = None, f"worker did not start within {STARTUP_TIMEOUT_S:g} s"
+        elif message == _READY:
+            message = _receive(receiver, limits.timeout_s)
+            if message is _TIMEOUT:
+                message, reason = None, f"timed out after {limits.timeout_s:g} s"
+        # 3. Make sure the worker is gone, and say how it ended.
+        process.join(5 if message is not None else 0.5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        wall_s = time.perf_counter() - started
+        if message is not None:
+            row = json.loads(message.decode("utf-8"))
+            row.setdefault("internals", {}).setdefault("worker", {})["wall_s"] = wall_s
+            return row
+        return _failed_row(spec, reason or _death_reason(process.exitcode, limits), environment,
+                           {"exitcode": process.exitcode, "wall_s": wall_s})
+    except BaseException:  # KeyboardInterrupt included: never leave a worker behind
+        if process.is_alive():
+            process.kill()
+            process.join()
+        raise
+    finally:
+        receiver.close()
+
+
+_TIMEOUT = object()
+
+
+def _receive(receiver: Any, timeout_s: float | None) -> Any:
+    """The next message, None when the worker died (EOF), or ``_TIMEOUT``."""
+    if not receiver.poll(timeout_s):
+        return _TIMEOUT
+    try:
+        return receiver.recv_bytes()
+    except (EOFError, OSError):
+        return None
+
+
+def _death_reason(exitcode: int | None, limits: WorkerLimits) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (the kernel's out-of-memory killer sends it; try --max-memory)" if name == "SIGKILL" else ""
+        return f"worker killed by signal {name}{hint}"
+    return f"worker exited with code {exitcode} without reporting a result"
+
+
+def _failed_row(spec: RunSpec, reason: str, environment: dict[str, Any] | None,
+                worker: dict[str, Any]) -> dict[str, Any]:
+    from workbench.runner import RunResult
+    from workbench.store import json_safe
+
+    result = RunResult(spec=spec, status="failed", failure_reason=reason, environment=environment or {},
+                       internals={"worker": worker})
+    return json_safe(result.to_row())
+
+
+# ----------------------------------------------------------------------------------------------------
+# inside the worker
+# ----------------------------------------------------------------------------------------------------
+
+
+def _worker_main(spec_json: str, index: int, max_memory_bytes: int | None, parent_started_at: float,
+                 sender: Any) -> None:
+    """The worker's entry point: limits, imports, plan, (fault), execute, send the row as JSON text."""
+    # 1. Ctrl-C reaches the whole terminal process group: the parent decides, the worker ignores it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_parent(os.getppid())
+    if max_memory_bytes is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (max_memory_bytes, max_memory_bytes))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    spec = RunSpec.from_dict(json.loads(spec_json))
+    row: dict[str, Any]
+    try:
+        # 2. Imports (the bulk of the start-up cost), then the same plan the parent made.
+        import transformers
+
+        from workbench import runner
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        planned = runner.plan(spec)
+        startup_s = time.time() - parent_started_at
+        sender.send_bytes(_READY)
+        # 3. The testing aid, then the run itself (execute turns exceptions into a failed result).
+        _inject_fault(index, spec.key())
+        result = runner.execute(planned, progress=False)
+        if result.status == "failed" and _is_memory_error(result.failure_reason, result.internals):
+            result.failure_reason = _memory_reason(max_memory_bytes, result.failure_reason)
+        result.internals["worker"] = {"pid": os.getpid(), "startup_s": startup_s}
+        row = result.to_row()
+    except BaseException as exc:  # an import, plan or injected failure still reports a row
+        from workbench.runner import RunResult
+
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        if isinstance(exc, MemoryError) or _is_memory_error(text, {}):
+            text = _memory_reason(max_memory_bytes, text)
+        elif not isinstance(exc, WorkbenchError):
+            text = f"worker raised {text}"
+        row = RunResult(spec=spec, status="failed", failure_reason=text[:500],
+                        internals={"worker": {"pid": os.getpid()}}).to_row()
+    # 4. Send the row as JSON text (never a pickle of stored values).
+    from workbench.store import to_json
+
+    sender.send_bytes(to_json(row, "row").encode("utf-8"))
+    sender.close()
+
+
+def _is_memory_error(reason: str | None, internals: dict[str, Any]) -> bool:
+    text = f"{reason or ''} {internals.get('error', '')}".lower()
+    return "memoryerror" in text or "can't allocate memory" in text or "out of memory" in text
+
+
+def _memory_reason(max_memory_bytes: int | None, detail: str | None) -> str:
+    limit = f" (limit {max_memory_bytes / 2**30:g} GB of address space)" if max_memory_bytes else ""
+    return f"out of memory{limit}: {detail}"[:500]
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the parent dies (SIGKILL leaves no chance to clean up), so no orphan runs on."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(_PARENT_CHECK_S)
+            if os.getppid() != parent_pid:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="workbench-parent-watch", daemon=True).start()
+
+
+def parse_faults(text: str | None) -> list[tuple[str, str]]:
+    """``WORKBENCH_FAULT_INJECT`` as (kind, target) pairs; a malformed value raises one clear line.
+
+    Example:
+        >>> parse_faults("segfault:3,hang:7")
+        [('segfault', '3'), ('hang', '7')]
+    """
+    faults = []
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        kind, sep, target = part.strip().partition(":")
+        if not sep or kind not in FAULT_KINDS or not target:
+            raise SpecError(f"{FAULT_ENV} entry {part.strip()!r} is not KIND:TARGET with KIND one of "
+                            f"{', '.join(FAULT_KINDS)}: e.g. {FAULT_ENV}=segfault:3")
+        faults.append((kind, target))
+    return faults
+
+
+def _inject_fault(index: int, spec_key: str) -> None:
+    for kind, target in parse_faults(os.environ.get(FAULT_ENV)):
+        if target == str(index) or (len(target) >= 8 and spec_key.startswith(target)):
+            _fault(kind)
+
+
+def _fault(kind: str) -> None:
+    if kind == "segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    elif kind == "abort":
+        os.abort()
+    elif kind == "hang":
+        while True:
+            time.sleep(3600)
+    elif kind == "exception":
+        raise RuntimeError("injected by WORKBENCH_FAULT_INJECT")
+    elif kind == "oom":  # under the --max-memory cap, or 512 MB over what is mapped now
+        import resource
+
+        if resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as fh:
+                mapped = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            resource.setrlimit(resource.RLIMIT_AS, (mapped + 2**29, resource.RLIM_INFINITY))
+        hoard = []
+        while True:
+            hoard.append(bytearray(2**28))
+    elif kind == "exit":
+        os._exit(3)
