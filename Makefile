@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install zoo zoo-quick demo test bench clean
+.PHONY: install zoo zoo-quick demo test browser bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,17 @@ demo: zoo
 	$(BIN)/workbench run --model zoo:code-classifier --technique early_exit --workload code-snippets \
 		--max-items 256 --batch-size 16 --repeats 5 --warmup 1
 	$(BIN)/workbench runs --since 1d
+	$(BIN)/workbench report --since 1d --out reports/demo.html
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# Headless Chromium for the browser tests (report and JupyterLab); Debian's package, when we may install it.
+# Without it those tests are skipped with a reason and everything else still runs.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		{ apt-get update -qq && apt-get install -y -qq chromium; } >/dev/null 2>&1; } || \
+		echo "chromium is not installable here: browser tests will be skipped"
 
 bench: zoo
 	$(BIN)/python bench/overhead.py

@@ -321,6 +321,24 @@ def import_command(
                f"({counts['already_stored']} already stored)")
 
 
+@app.command()
+def report(
+    out: str = typer.Option(..., "--out", help="The HTML to write, e.g. reports/weekly.html (the executed .ipynb goes beside it)."),
+    store: Optional[str] = typer.Option(None, "--store", help="SQLAlchemy URL (default: SQLite under data/)."),
+    since: str = typer.Option("7d", "--since", help="The window: 7d, 12h, 30m or a date."),
+    param: list[str] = typer.Option([], "--param", "-p", help="key=value: models, machines, techniques (comma-separated), budget, title, audience."),
+    cell_timeout: float = typer.Option(300.0, "--cell-timeout", help="Seconds one notebook cell may run."),
+    timeout: float = typer.Option(900.0, "--timeout", help="Seconds the whole report may take."),
+) -> None:
+    """Render the scheduled report (papermill + nbconvert): one self-contained, offline HTML file."""
+    from workbench.report import ReportParams, render_report
+
+    params = ReportParams.from_pairs(param, store_url=store, since=since)
+    result = render_report(params, out, cell_timeout_s=cell_timeout, total_timeout_s=timeout)
+    typer.echo(f"wrote {result['html']} ({result['html_bytes'] / 1e6:.1f} MB) and {result['notebook']} "
+               f"in {result['seconds']:.0f}s")
+
+
 def _quiet_libraries() -> None:
     """Library chatter (weight-loading bars, deprecation notes) would bury the table."""
     import transformers
