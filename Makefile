@@ -46,6 +46,7 @@ bench: zoo
 	$(BIN)/python bench/early_exit.py
 	$(BIN)/python bench/adaptive_steps.py
 	$(BIN)/python bench/quantization.py
+	$(BIN)/python bench/store.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -293,3 +293,99 @@ def _fault(kind: str) -> None:
             hoard.append(bytearray(2**28))
     elif kind == "exit":
         os._exit(3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# non-blocking: start, poll, kill (for interactive front ends such as the compare panel)
+# ----------------------------------------------------------------------------------------------------
+
+
+class IsolatedRun:
+    """One spec running in its own spawned worker, without blocking the caller.
+
+    The same worker and the same rows as :func:`run_isolated`, but the caller polls: :meth:`poll`
+    returns None while the run goes on and the finished store row afterwards (a failed row when the
+    worker died, timed out or was stopped with :meth:`kill`). ``phase`` says where the run is:
+    ``"starting"`` (spawn, imports, plan), ``"running"`` (measuring), then ``"done"``.
+
+    Example:
+        >>> job = IsolatedRun(spec, WorkerLimits(timeout_s=120))  # doctest: +SKIP
+        >>> while (row := job.poll()) is None:  # doctest: +SKIP
+        ...     time.sleep(0.2)
+        >>> row["status"]  # doctest: +SKIP
+        'ok'
+    """
+
+    def __init__(self, spec: RunSpec, limits: WorkerLimits = WorkerLimits(), index: int = 0,
+                 environment: dict[str, Any] | None = None) -> None:
+        import multiprocessing
+
+        self.spec, self.limits, self.index, self.environment = spec, limits, index, environment
+        self.phase = "starting"  # "starting", "running" or "done"
+        self.started_at_s = time.perf_counter()
+        self.running_since_s: float | None = None  # perf_counter() when the worker reported ready
+        self.row: dict[str, Any] | None = None
+        context = multiprocessing.get_context("spawn")
+        self._receiver, sender = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_worker_main, name=f"workbench-run-{index}", daemon=True,
+            args=(json.dumps(spec.to_dict()), index, limits.max_memory_bytes, time.time(), sender))
+        self._process.start()
+        sender.close()
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the worker was started."""
+        return time.perf_counter() - self.started_at_s
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def poll(self) -> dict[str, Any] | None:
+        """The finished row, or None while the worker still runs (never blocks, never raises)."""
+        if self.row is not None:
+            return self.row
+        now = time.perf_counter()
+        # 1. A message: the ready signal or the row; EOF means the worker died.
+        if self._receiver.poll(0):
+            try:
+                message = self._receiver.recv_bytes()
+            except (EOFError, OSError):
+                message = None
+            if message == _READY:
+                self.phase, self.running_since_s = "running", now
+                return None
+            if message is not None:
+                row = json.loads(message.decode("utf-8"))
+                row.setdefault("internals", {}).setdefault("worker", {})["wall_s"] = self.elapsed_s
+                return self._finish(row, join_s=5)
+            self._process.join(2)
+            return self._finish(None, reason=_death_reason(self._process.exitcode, self.limits))
+        # 2. No message: the limits, then a worker that died without closing the pipe.
+        if self.phase == "starting" and now - self.started_at_s > STARTUP_TIMEOUT_S:
+            return self._finish(None, reason=f"worker did not start within {STARTUP_TIMEOUT_S:g} s")
+        if (self.phase == "running" and self.limits.timeout_s is not None
+                and now - (self.running_since_s or now) > self.limits.timeout_s):
+            return self._finish(None, reason=f"timed out after {self.limits.timeout_s:g} s")
+        if not self._process.is_alive() and not self._receiver.poll(0):
+            return self._finish(None, reason=_death_reason(self._process.exitcode, self.limits))
+        return None
+
+    def kill(self, reason: str = "stopped by the user") -> dict[str, Any]:
+        """Kill the worker now; the run becomes a failed row with ``reason`` (never an ok one)."""
+        if self.row is not None:
+            return self.row
+        return self._finish(None, reason=reason)
+
+    def _finish(self, row: dict[str, Any] | None, reason: str | None = None, join_s: float = 0.5) -> dict[str, Any]:
+        self._process.join(join_s if row is not None else 0)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._receiver.close()
+        if row is None:
+            row = _failed_row(self.spec, reason or "worker ended without a result", self.environment,
+                              {"exitcode": self._process.exitcode, "wall_s": self.elapsed_s})
+        self.phase, self.row = "done", row
+        return row
