@@ -234,10 +234,14 @@ def test_sweep_of_20_survives_a_segfault_a_timeout_and_ctrl_c(quick_zoo, workben
     keys = [spec.key() for spec in read_sweep(sweep_file).specs]
     assert len(keys) == 20
 
-    # 1. Start the sweep and press Ctrl-C once 5 runs are stored.
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # 1. Start the sweep and press Ctrl-C halfway: run 6 hangs (no timeout in this first pass), so the
+    #    interrupt always lands while a worker is busy, however fast the machine runs 0-5.
+    first_env = {**cli_env, FAULT_ENV: "hang:6"}
+    first = subprocess.Popen([*command[:-3], "--timeout-per-run", "600", "--quiet"], env=first_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_rows(url, 5, first, timeout_s=240)
+        _wait_for_rows(url, 6, first, timeout_s=240)
+        time.sleep(1.0)  # run 6's worker is starting or hanging
         workers = psutil.Process(first.pid).children()
         first.send_signal(signal.SIGINT)
         _, stderr = first.communicate(timeout=60)
@@ -251,7 +255,7 @@ def test_sweep_of_20_survives_a_segfault_a_timeout_and_ctrl_c(quick_zoo, workben
     # 2. The store holds exactly the finished runs, all ok, each one the sweep's run of that index.
     frame = Store(url).runs()
     done = len(frame)
-    assert 5 <= done < 12 and set(frame["status"]) == {"ok"}
+    assert done == 6 and set(frame["status"]) == {"ok"}
     assert list(frame["spec_key"]) == keys[:done]
 
     # 3. --resume runs only what is missing; the segfault and the timeout fail one run each.
