@@ -186,7 +186,9 @@ def sweep(
             typer.echo(f"{item.index:>5}  {item.spec.key()[:12]}  {sweeps.describe(item.spec)}  [{state}]")
         return
     # 2. Run; SIGTERM (a scheduler stopping the job) ends the sweep as cleanly as Ctrl-C.
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and a sweep must still stop on it.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     outcome = sweeps.run_sweep(parsed, results_store, resume=resume, limits=limits, progress=not quiet,
                                planned=planned)
     typer.echo(f"{outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} skipped, "
