@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from workbench.measure import BASELINE, run_interleaved, summarize_samples
+from workbench.measure import BASELINE, CallOutput, run_interleaved, summarize_samples
 from workbench.models import zoo
 from workbench.models.loading import load_model
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
@@ -72,22 +72,20 @@ def _bench_model(name: str, args: argparse.Namespace) -> bool:
             skipped[scheme] = reason
             continue
         variants[scheme], reports[scheme] = quantize_copy(model.model, scheme)
-    text = "\n\n".join(_prompts(workload))
-    long_ids = model.tokenizer(text, return_tensors="pt").input_ids[:, : args.forward_tokens]
-    short_ids = model.tokenizer(_prompts(workload)[0], return_tensors="pt").input_ids
+    prompts = _prompts(workload)
+    long_ids = model.tokenizer("\n\n".join(prompts), return_tensors="pt").input_ids[:, : args.forward_tokens]
+    short_ids = model.tokenizer(prompts[0], return_tensors="pt").input_ids
     pad = model.tokenizer.pad_token_id
 
     def forward(module):
         def call(i):
             with torch.inference_mode():
                 module(input_ids=long_ids)
-            from workbench.measure import CallOutput
             return CallOutput(None)
         return call
 
     def generate(module):
         def call(i):
-            from workbench.measure import CallOutput
             with torch.inference_mode():
                 out = module.generate(short_ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)
             return CallOutput(None, new_tokens=out.shape[1] - short_ids.shape[1])

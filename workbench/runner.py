@@ -296,15 +296,19 @@ def run_sweep(specs: Iterable[RunSpec], store: Any = None, progress: bool = True
     """
     from tqdm.auto import tqdm
 
+    from workbench.environment import fingerprint
+
     planned: list[Plan | RunResult] = []
+    environments: dict[str, dict[str, Any]] = {}  # one fingerprint per device kind, not per skipped spec
     for spec in specs:
         try:
             planned.append(plan(spec))
         except NotApplicableError as exc:
-            from workbench.environment import fingerprint
-
+            device = spec.device.split(":")[0]
+            if device not in environments:
+                environments[device] = fingerprint(device=device)
             planned.append(RunResult(spec=spec, status="skipped", failure_reason=str(exc),
-                                     environment=fingerprint(device=spec.device.split(":")[0])))
+                                     environment=environments[device]))
     results = []
     for item in tqdm(planned, desc="sweep", unit="run", disable=not progress):
         result = item if isinstance(item, RunResult) else execute(item, progress=progress)
