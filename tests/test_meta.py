@@ -197,3 +197,69 @@ def test_explain_writes_text_and_figures(runs: pd.DataFrame, tmp_path: Path, cli
     assert done.returncode == 0, done.stderr
     assert "permutation importance" in done.stdout and "rules of the glass-box tree" in done.stdout
     assert "plotly" in html.read_text()
+
+
+def test_prior_is_the_shrunk_configuration_mean(runs: pd.DataFrame) -> None:
+    table = features.training_table(features.run_features(runs))
+    learner = MetaLearner(random_state=0, prior_strength=2.0).fit(table, table["log_speedup"],
+                                                                   table["quality_loss_points"])
+    y, levels = table["log_speedup"], learner.speed_prior_["levels"]
+    overall = y.mean()
+
+    def shrunk(rows: pd.DataFrame, parent: float) -> float:
+        return (rows["log_speedup"].sum() + 2.0 * parent) / (len(rows) + 2.0)
+
+    for technique, rows in table.groupby("technique"):
+        tech = shrunk(rows, overall)
+        assert levels["technique"]["mean"][technique] == pytest.approx(tech)
+        for modality, mrows in rows.groupby("modality"):
+            mod_tech = shrunk(mrows, tech)
+            assert levels["modality_technique"]["mean"][f"{modality}|{technique}"] == pytest.approx(mod_tech)
+            for configuration, crows in mrows.groupby("configuration"):
+                key = f"{modality}|{configuration}"
+                assert levels["modality_configuration"]["mean"][key] == pytest.approx(shrunk(crows, mod_tech))
+    measured = table.iloc[[0]]
+    assert learner.novelty_of(measured).tolist() == [0.0]  # measured on this modality: nothing backed off
+    # Backing off: a new configuration of a known technique on a known modality, a known configuration on
+    # a modality it never ran on, an unknown technique; each knows less, so its interval widens.
+    unseen = table[table["technique"] == "quantization"].iloc[[0, 0, 0]].copy()
+    unseen["configuration"] = ["quantization[scheme=int4-weight-only]", "quantization", "pruning"]
+    unseen["modality"] = [unseen["modality"].iloc[0], "image-generation", unseen["modality"].iloc[0]]
+    unseen["technique"] = ["quantization", "quantization", "pruning"]
+    modality = unseen["modality"].iloc[0]
+    assert learner.prior_of(unseen).tolist() == pytest.approx([
+        levels["modality_technique"]["mean"][f"{modality}|quantization"],
+        levels["technique"]["mean"]["quantization"], overall])
+    assert (learner.novelty_of(unseen) > 0).all()
+    low, high = learner.predict_interval(unseen)
+    z = 1.2815515655446004  # the 90% normal quantile: quantile=0.1
+    assert np.all(high - low >= 2 * z * learner.novelty_of(unseen) - 1e-9)
+    plain = MetaLearner(prior="none").fit(table, y)
+    assert plain.prior_of(table).tolist() == [0.0] * len(table)
+    with pytest.raises(WorkbenchError, match="prior='mean'"):
+        MetaLearner(prior="mean").fit(table, y)
+
+
+def test_seed_learner_beats_every_baseline_on_regret(tmp_path: Path, cli_env: dict, workbench_cmd: list) -> None:
+    """The issue's acceptance on the shipped seed data: import it, `workbench learn`, read the verdicts."""
+    seed = Path(__file__).resolve().parents[1] / "data" / "seed" / "runs.parquet"
+    store = f"sqlite:///{tmp_path / 'seed.sqlite'}"
+    imported = subprocess.run([*workbench_cmd, "import", str(seed), "--store", store], env=cli_env,
+                              capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr
+    done = subprocess.run([*workbench_cmd, "learn", "--store", store, "--out", str(tmp_path / "l.skops")],
+                          env=cli_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    verdicts = [line for line in done.stdout.splitlines() if " regret " in line and "by " in line]
+    assert {line.split(":")[0].strip(" -") for line in verdicts} == {"by model", "by workload"}
+    boosting = [line for line in verdicts if "(boosting)" in line]
+    assert boosting and all("beats every baseline" in line for line in boosting), done.stdout
+
+
+def test_pooling_weights_runs_by_their_precision(runs: pd.DataFrame) -> None:
+    # a quiet run (narrow interval) outweighs a stalled one (wide interval); no intervals: the median
+    value, se = features.pool_log_speedups([np.log(1.3), np.log(4.7)], [0.02, 0.43])
+    assert np.exp(value) == pytest.approx(1.3, rel=0.01) and se < 0.02
+    assert features.pool_log_speedups([0.1, 0.2, 0.9], [np.nan] * 3)[0] == pytest.approx(0.2)
+    table = features.training_table(features.run_features(runs))
+    assert (table["log_speedup_se"] > 0).all()  # every stored run has its bootstrap interval

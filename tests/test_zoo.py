@@ -31,7 +31,8 @@ def zoo_root(data_root, monkeypatch) -> Path:
 
 def test_every_model_built_with_metadata(zoo_root):
     records = zoo.list_models()  # default root, via WORKBENCH_DATA
-    assert [r.name for r in records] == list(zoo.ZOO_NAMES)
+    assert [r.name for r in records] == list(zoo.DEFAULT_NAMES)  # the seed siblings only when named
+    assert set(zoo.DEFAULT_NAMES) | set(zoo.EXTRA_NAMES) == set(zoo.ZOO_NAMES)
     for rec in records:
         folder = zoo.model_dir(rec.name)
         assert folder == zoo_root / rec.name
@@ -147,10 +148,10 @@ def test_judge_loads_and_predicts(zoo_root):
 
 def test_rebuild_is_a_no_op(zoo_root):
     before = {r.name: r.built_at for r in zoo.list_models()}
-    mtimes = {n: (zoo_root / n / zoo.METADATA_FILE).stat().st_mtime_ns for n in zoo.ZOO_NAMES}
+    mtimes = {n: (zoo_root / n / zoo.METADATA_FILE).stat().st_mtime_ns for n in zoo.DEFAULT_NAMES}
     records = zoo.build(quick=True, progress=False)
     assert {r.name: r.built_at for r in records} == before
-    assert {n: (zoo_root / n / zoo.METADATA_FILE).stat().st_mtime_ns for n in zoo.ZOO_NAMES} == mtimes
+    assert {n: (zoo_root / n / zoo.METADATA_FILE).stat().st_mtime_ns for n in zoo.DEFAULT_NAMES} == mtimes
 
 
 def test_force_rebuilds_the_model_and_its_dependents(data_root, tmp_path):
@@ -217,3 +218,14 @@ def test_depth_growth_preserves_the_function():
     with torch.no_grad():
         torch.testing.assert_close(grown(ids).logits, model(ids).logits)
     assert grown.lm_head.weight.data_ptr() == grown.transformer.wte.weight.data_ptr()
+
+
+def test_seed_siblings_build_when_named(tmp_path):
+    from transformers import AutoConfig
+
+    records = zoo.build(quick=True, root=tmp_path / "zoo", names=list(zoo.EXTRA_NAMES), progress=False)
+    assert [r.name for r in records] == list(zoo.EXTRA_NAMES)  # no dependencies, nothing else built
+    tall, mid = (AutoConfig.from_pretrained(tmp_path / "zoo" / n) for n in ("code-tall", "code-mid"))
+    assert tall.n_layer > mid.n_layer and tall.n_embd < mid.n_embd  # deep-narrow vs shallow-wide siblings
+    deep = AutoConfig.from_pretrained(tmp_path / "zoo" / "code-classifier-deep")
+    assert deep.model_type == "bert" and deep.num_hidden_layers == 4  # the quick recipe

@@ -76,11 +76,14 @@ def techniques() -> None:
 def zoo_build(
     quick: bool = typer.Option(False, "--quick", help="Tiny configs and few steps (under a minute): for tests."),
     force: bool = typer.Option(False, "--force", help="Retrain models that are already built."),
+    extra: bool = typer.Option(False, "--extra", help="Also the seed siblings (code-tall, code-mid, "
+                               "code-classifier-deep; about 10 more minutes) that the seed data was measured on."),
 ) -> None:
     """Train the offline zoo on this machine (about 5-8 minutes on 2 cores; --quick under one)."""
     from workbench.models import zoo
 
-    for record in zoo.build(quick=quick, force=force):
+    names = list(zoo.ZOO_NAMES) if extra else None
+    for record in zoo.build(quick=quick, force=force, names=names):
         typer.echo(_zoo_line(record))
 
 

@@ -48,6 +48,8 @@ def learn(store_url: str | None = None, out: str | Path | None = None, learner: 
         f"leave-one-group-out evaluation (budget {parsed.text}; choices scored by measured speedup):",
         _table_text(results),
         evaluate.ANCHOR,
+        "regret (oracle speedup - achieved, lower is better):",
+        *[f"  - {line}" for line in evaluate.regret_verdicts(results)],
         *(["where the meta-learner does not beat a baseline:"] + [f"  - {line}" for line in
                                                                     evaluate.shortfalls(results)]
           if evaluate.shortfalls(results) else ["the meta-learner beats every baseline in every grouping"]),

@@ -195,7 +195,8 @@ def _random_expectation(rows: pd.DataFrame, budget: Budget, oracle_choice: str, 
 
 
 def shortfalls(results: pd.DataFrame) -> list[str]:
-    """Sentences naming each grouping where a meta-learner does not beat a baseline (top-1 or speedup).
+    """Sentences naming each grouping where a meta-learner does not beat a baseline (regret, top-1 or
+    speedup fraction; ties count as not beating).
 
     Example:
         >>> shortfalls(pd.DataFrame(columns=TABLE_COLUMNS))
@@ -207,11 +208,32 @@ def shortfalls(results: pd.DataFrame) -> list[str]:
         baselines = frame[~frame["policy"].str.startswith("meta-learner")]
         for _, learner in learners.iterrows():
             misses = []
-            for metric in ("top1_accuracy", "speedup_fraction_of_oracle"):
-                better = baselines[baselines[metric] >= learner[metric] - 1e-12]
+            for metric, lower_is_better in (("mean_regret", True), ("top1_accuracy", False),
+                                            ("speedup_fraction_of_oracle", False)):
+                sign = -1.0 if lower_is_better else 1.0
+                better = baselines[sign * baselines[metric] >= sign * learner[metric] - 1e-12]
                 if not better.empty:
-                    best = better.sort_values(metric, ascending=False).iloc[0]
-                    misses.append(f"{metric} {learner[metric]:.2f} vs {best['policy']} {best[metric]:.2f}")
+                    best = better.sort_values(metric, ascending=lower_is_better).iloc[0]
+                    misses.append(f"{metric} {learner[metric]:.3f} vs {best['policy']} {best[metric]:.3f}")
             if misses:
                 lines.append(f"by {grouping}: {learner['policy']} does not beat every baseline: {'; '.join(misses)}")
+    return lines
+
+
+def regret_verdicts(results: pd.DataFrame) -> list[str]:
+    """One sentence per grouping and learner: its mean regret against the best baseline's.
+
+    Example:
+        >>> regret_verdicts(pd.DataFrame(columns=TABLE_COLUMNS))
+        []
+    """
+    lines = []
+    for grouping, frame in results.dropna(subset=["mean_regret"]).groupby("grouping", sort=False):
+        baselines = frame[~frame["policy"].str.startswith("meta-learner")]
+        best = baselines.sort_values("mean_regret").iloc[0]
+        for _, learner in frame[frame["policy"].str.startswith("meta-learner")].iterrows():
+            verdict = "beats every baseline" if learner["mean_regret"] < best["mean_regret"] - 1e-12 else \
+                "does NOT beat every baseline"
+            lines.append(f"by {grouping}: {learner['policy']} regret {learner['mean_regret']:.3f} {verdict} "
+                         f"(best baseline: {best['policy']} {best['mean_regret']:.3f})")
     return lines

@@ -127,7 +127,10 @@ def _tree_path(learner: MetaLearner, row: pd.DataFrame) -> pd.DataFrame:
     tree = learner.speed_model_.tree_
     matrix = learner.encode(row)
     nodes = learner.speed_model_.decision_path(matrix).indices
-    records = []
+    prior = learner.speed_prior_
+    records = [{"feature": "configuration", "value": row["configuration"].iloc[0],
+                "reference": "prior: this configuration's training mean vs the overall mean",
+                "contribution_log_speedup": float(learner.prior_of(row, "speed")[0] - prior["overall"])}]
     for parent, child in zip(nodes[:-1], nodes[1:]):
         column = learner.encoded_columns_[tree.feature[parent]]
         went_left = child == tree.children_left[parent]

@@ -209,9 +209,10 @@ def run_features(runs: pd.DataFrame) -> pd.DataFrame:
         runs: ``Store.runs()`` output (failed and skipped runs, and rows without a speedup, are dropped).
 
     Returns:
-        A DataFrame with ``KEY_COLUMNS``, ``FEATURE_NAMES``, ``TARGETS``, ``run_id`` and ``created_at``.
+        A DataFrame with ``KEY_COLUMNS``, ``FEATURE_NAMES``, ``TARGETS``, ``log_speedup_se`` (from the
+        run's bootstrap interval), ``run_id`` and ``created_at``.
     """
-    columns = ["run_id", "created_at", *KEY_COLUMNS[:-1], *FEATURE_NAMES, *TARGETS]
+    columns = ["run_id", "created_at", *KEY_COLUMNS[:-1], *FEATURE_NAMES, *TARGETS, "log_speedup_se"]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     rows = []
@@ -252,6 +253,7 @@ def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:
     row["draft_parameters"] = _number(draft_info.get("parameters"))
     row["lossless"] = is_lossless(run["technique"], params)
     row["log_speedup"] = math.log(float(run["speedup"]))
+    row["log_speedup_se"] = _log_standard_error(run.get("speedup_ci_low"), run.get("speedup_ci_high"))
     row["quality_loss_points"] = quality_loss_points(run.get("quality"), modality)
     return row
 
@@ -389,23 +391,55 @@ def _number(value: Any, default: float = float("nan")) -> float:
 
 
 def training_table(features: pd.DataFrame) -> pd.DataFrame:
-    """Pool repeated runs: one row per (context, configuration) with the median log speedup, the mean
-    quality loss, ``n_runs`` and the contributing ``run_ids`` (provenance).
+    """Pool repeated runs: one row per (context, configuration) with the precision-weighted log speedup
+    (:func:`pool_log_speedups`) and its standard error, the mean quality loss, ``n_runs`` and the
+    contributing ``run_ids`` (provenance).
 
     Example:
         >>> training_table(run_features(pd.DataFrame())).empty
         True
     """
     if features.empty:
-        return pd.DataFrame(columns=[*KEY_COLUMNS, *FEATURE_NAMES, *TARGETS, "n_runs"])
+        return pd.DataFrame(columns=[*KEY_COLUMNS, *FEATURE_NAMES, *TARGETS, "log_speedup_se", "n_runs"])
     grouped = features.groupby(["context", "configuration"], sort=True, dropna=False)
     first = grouped.first()
     table = first[[c for c in [*KEY_COLUMNS, *FEATURE_NAMES] if c in first.columns and c != "configuration"]].copy()
-    table["log_speedup"] = grouped["log_speedup"].median()
+    pooled = {key: pool_log_speedups(group["log_speedup"], group["log_speedup_se"]) for key, group in grouped}
+    table["log_speedup"] = [pooled[key][0] for key in table.index]
+    table["log_speedup_se"] = [pooled[key][1] for key in table.index]
     table["quality_loss_points"] = grouped["quality_loss_points"].mean()
     table["n_runs"] = grouped.size()
     table["run_ids"] = grouped["run_id"].agg(lambda ids: sorted(ids))
     return table.reset_index()
+
+
+def pool_log_speedups(values: Iterable[float], standard_errors: Iterable[float]) -> tuple[float, float]:
+    """Inverse-variance (fixed-effect) pooling of repeated measurements of one log speedup.
+
+    A run measured on a quiet machine (narrow interval) outweighs one that stalled under contention
+    (wide interval). Runs without an interval count with the largest standard error among the others;
+    when none has one, the median is used and the standard error is unknown (NaN).
+
+    Example:
+        >>> round(pool_log_speedups([0.0, 1.0], [0.1, 0.3])[0], 3)
+        0.1
+    """
+    v = np.asarray(list(values), dtype=float)
+    se = np.asarray(list(standard_errors), dtype=float)
+    known = np.isfinite(se) & (se > 0)
+    if not known.any():
+        return float(np.median(v)), float("nan")
+    se = np.where(known, se, se[known].max())
+    weights = 1.0 / se ** 2
+    return float(np.sum(weights * v) / np.sum(weights)), float(np.sqrt(1.0 / np.sum(weights)))
+
+
+def _log_standard_error(ci_low: Any, ci_high: Any) -> float:
+    """The standard error of a log speedup from its 95% interval (width / 2 x 1.96); NaN if unknown."""
+    low, high = _number(ci_low), _number(ci_high)
+    if not 0 < low < high:  # NaN compares False
+        return float("nan")
+    return math.log(high / low) / (2 * 1.959964)
 
 
 def candidates(table: pd.DataFrame) -> pd.DataFrame:
@@ -519,11 +553,17 @@ def candidate_rows(context: Mapping[str, Any], options: pd.DataFrame) -> pd.Data
         if draft is not None and draft == context.get("model"):
             continue  # a model cannot usefully draft for itself
         option["draft"] = draft
+        params = json.loads(option["params"])
+        layers = context.get("model_layers")
+        if params.get("draft_layers") and isinstance(layers, (int, float)) and params["draft_layers"] >= layers:
+            continue  # self-speculation needs fewer draft layers than the model has
         row = {name: context.get(name) for name in CONTEXT_FEATURES}
         row.update(context=context.get("context"), model=context.get("model"), workload=context.get("workload"),
                    machine_id=context.get("machine_id"), lossless=bool(option["lossless"]),
                    params=option["params"], draft=option["draft"], draft_parameters=option["draft_parameters"])
-        row.update(configuration_features(option["technique"], json.loads(option["params"]), option["draft"],
+        row.update(configuration_features(option["technique"], params, option["draft"],
                                           option["draft_parameters"], model_info))
+        if draft is not None and not (row.get("draft_cost_ratio") or 0.0) < 1.0:
+            continue  # a draft no smaller than the target cannot pay
         rows.append(row)
     return pd.DataFrame(rows, columns=[*KEY_COLUMNS[:-1], *FEATURE_NAMES])

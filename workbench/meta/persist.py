@@ -26,7 +26,7 @@ from workbench.meta import features
 from workbench.meta.learner import MetaLearner
 
 FORMAT = "workbench-meta-learner"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the learner keeps its priors (speed_prior_, quality_prior_)
 #: The only types a learner file may contain besides builtins (checked before anything is built).
 TRUSTED_TYPES: tuple[str, ...] = (
     "sklearn.ensemble._gb.GradientBoostingRegressor",
@@ -47,6 +47,7 @@ TRUSTED_TYPES: tuple[str, ...] = (
 )
 _MODELS = ("speed_model_", "speed_low_model_", "speed_high_model_", "quality_model_")
 _STATE = ("categories_", "encoded_columns_", "feature_names_", "n_features_in_", "reference_", "residual_std_",
+          "speed_prior_", "quality_prior_",
           "candidates_", "provenance_")
 
 
@@ -98,7 +99,7 @@ def load(path: str | Path | None = None) -> MetaLearner:
                              "retrain with `workbench learn`")
     state = skops.io.load(path, trusted=list(untrusted))
     meta = json.loads(state["meta"])
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) != FORMAT_VERSION:
         raise WorkbenchError(f"{str(path)!r} is format {meta.get('format')!r} v{meta.get('format_version')}, "
                              f"not {FORMAT} v{FORMAT_VERSION}: retrain with `workbench learn`")
     # 2. Rebuild the estimator.

@@ -9,6 +9,16 @@
 | ``digits-diffusion``| diffusion  | class-conditional UNet2DModel + DDIM, 8x8 digits                   |
 | ``digits-judge``   | judge       | CNN that says which digit an 8x8 image shows                      |
 
+Three more are built only when named (``workbench zoo build --extra``, or ``build(names=[...])``): siblings
+that give the meta-learner's seed data more than one model of each shape, so that leaving one model out
+still leaves a similar one to learn from:
+
+| name                    | kind       | what it is                                                    |
+|-------------------------|------------|---------------------------------------------------------------|
+| ``code-tall``           | causal_lm  | 12-layer x 96 GPT-2 (deep and narrow, like ``code-target``)    |
+| ``code-mid``            | causal_lm  | 4-layer x 320 GPT-2 (between ``code-target`` and ``code-wide``) |
+| ``code-classifier-deep``| classifier | 8-layer x 48 BERT snippet classifier                            |
+
 Each model lives in ``<root>/<name>/`` with the files its library expects (``save_pretrained``,
 safetensors only) and ``workbench_zoo.json`` (a :class:`ZooRecord`). Language models and the
 classifier load with ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` and
@@ -63,6 +73,7 @@ class ZooModel:
     kind: str  # "causal_lm" | "classifier" | "diffusion" | "judge"
     description: str
     depends_on: tuple[str, ...] = ()  # built first; a rebuilt dependency makes this stale
+    default: bool = True  # built by ``build()`` without names; False: only when named (seed siblings)
 
 
 MODELS: dict[str, ZooModel] = {
@@ -81,9 +92,17 @@ MODELS: dict[str, ZooModel] = {
         ZooModel("digits-diffusion", "diffusion",
                  "Class-conditional UNet2DModel + DDIM scheduler generating 8x8 digits",
                  depends_on=("digits-judge",)),
+        ZooModel("code-tall", "causal_lm", "Deep narrow GPT-2 (12 layers x 96) on stdlib code; a sibling of "
+                 "code-target for the meta-learner's seed data", default=False),
+        ZooModel("code-mid", "causal_lm", "GPT-2 of 4 layers x 320 on stdlib code; between code-target and "
+                 "code-wide, for the meta-learner's seed data", default=False),
+        ZooModel("code-classifier-deep", "classifier", "Deeper narrower BERT snippet classifier (8 x 48); a sibling "
+                 "of code-classifier for the meta-learner's seed data", default=False),
     )
 }
 ZOO_NAMES: tuple[str, ...] = tuple(MODELS)
+DEFAULT_NAMES: tuple[str, ...] = tuple(name for name, m in MODELS.items() if m.default)
+EXTRA_NAMES: tuple[str, ...] = tuple(name for name, m in MODELS.items() if not m.default)
 
 
 @dataclass(frozen=True)
@@ -208,6 +227,12 @@ def _recipes(quick: bool) -> dict[str, Any]:
                                                 epochs=1, train_snippets=240, test_snippets=60, vocab_size=512),
             "digits-judge": JudgeRecipe(channels=(8, 16), hidden=32, epochs=2),
             "digits-diffusion": DiffusionRecipe(block_out_channels=(16, 32), steps=15, batch_size=32),
+            "code-tall": LMRecipe(n_layer=4, n_embd=16, n_head=2, steps=8, batch_size=8, grow_from=2,
+                                  grown_steps=2, warmup=2, eval_len=64),
+            "code-mid": LMRecipe(n_layer=2, n_embd=32, n_head=2, steps=6, batch_size=8, warmup=2, eval_len=64),
+            "code-classifier-deep": ClassifierRecipe(num_layers=4, hidden=16, heads=2, intermediate=32,
+                                                     max_length=32, epochs=1, train_snippets=240,
+                                                     test_snippets=60, vocab_size=512),
         }
     return {
         "tokenizer": TokenizerRecipe(),
@@ -218,6 +243,10 @@ def _recipes(quick: bool) -> dict[str, Any]:
         "code-classifier": ClassifierRecipe(),
         "digits-judge": JudgeRecipe(),
         "digits-diffusion": DiffusionRecipe(steps=600, batch_size=96),
+        "code-tall": LMRecipe(n_layer=12, n_embd=96, n_head=4, steps=800, grow_from=3, grown_steps=40),
+        "code-mid": LMRecipe(n_layer=4, n_embd=320, n_head=5, steps=200, batch_size=8, lr=1e-3, warmup=20),
+        "code-classifier-deep": ClassifierRecipe(num_layers=8, hidden=48, heads=2, intermediate=192,
+                                                 train_snippets=16000),
     }
 
 
@@ -272,7 +301,8 @@ def build(
     Args:
         quick: tiny configs and few steps (seconds; only exercises the code paths).
         root: zoo folder; default :func:`workbench.paths.zoo_dir` (respects ``WORKBENCH_DATA``).
-        names: models to build (their dependencies come along); default all.
+        names: models to build (their dependencies come along); default :data:`DEFAULT_NAMES` (the
+            seed siblings in :data:`EXTRA_NAMES` only when named).
         force: rebuild the named models even when up to date.
         progress: show tqdm progress bars.
         seed: weight init, data split and data order.
@@ -281,7 +311,7 @@ def build(
         The records of the requested models (and dependencies), in build order.
     """
     # 1. Check inputs before any long work
-    wanted = list(ZOO_NAMES) if names is None else list(names)
+    wanted = list(DEFAULT_NAMES) if names is None else list(names)
     unknown = [n for n in wanted if n not in MODELS]
     if unknown:
         raise ZooError(f"unknown zoo model(s) {unknown}; valid names: {', '.join(ZOO_NAMES)}")
@@ -647,26 +677,26 @@ def _save_lm(model, tok, out: Path) -> None:
     _lm_tokenizer(tok).save_pretrained(out)
 
 
-def _train_target(ctx: _BuildContext, out: Path) -> _Trained:
-    # 1. Data and a shallow model
-    recipe: LMRecipe = ctx.recipes["code-target"]
+def _train_causal_lm(ctx: _BuildContext, out: Path, name: str, seed_offset: int = 0) -> _Trained:
+    """Train the GPT-2 of recipe ``name`` (deep ones by depth growth, see :class:`LMRecipe`) and save it."""
+    # 1. Data and a (shallow, when it grows) model
+    recipe: LMRecipe = ctx.recipes[name]
     tok = _code_tokenizer(ctx)
     train_ids, test_ids, data = _lm_data(ctx)
-    gen = torch.Generator().manual_seed(ctx.seed)
+    gen = torch.Generator().manual_seed(ctx.seed + seed_offset)
     base_layers = recipe.grow_from or recipe.n_layer
     if recipe.n_layer % base_layers:
         raise ValueError(f"n_layer={recipe.n_layer} must be a multiple of grow_from={base_layers}")
     model = _new_gpt2(recipe, base_layers, tok.get_vocab_size(), tok)
 
     # 2. Train, grow, train again
-    losses = _train_lm(model, train_ids, recipe, recipe.steps, recipe.lr, recipe.warmup, gen,
-                       "code-target", ctx.progress)
+    losses = _train_lm(model, train_ids, recipe, recipe.steps, recipe.lr, recipe.warmup, gen, name, ctx.progress)
     metrics = {}
     if recipe.grow_from:
         metrics["heldout_loss_before_growth"] = _heldout_loss(model, test_ids, recipe.eval_len)
         model = _grow_depth(model, recipe.n_layer)
         losses += _train_lm(model, train_ids, recipe, recipe.grown_steps, recipe.grown_lr, 10, gen,
-                            "code-target (grown)", ctx.progress)
+                            f"{name} (grown)", ctx.progress)
 
     # 3. Evaluate and save
     metrics["heldout_loss"] = _heldout_loss(model, test_ids, recipe.eval_len)
@@ -678,21 +708,14 @@ def _train_target(ctx: _BuildContext, out: Path) -> _Trained:
                     data, metrics, config)
 
 
+def _train_target(ctx: _BuildContext, out: Path) -> _Trained:
+    """The deep narrow target: slow per token, where speculative decoding pays."""
+    return _train_causal_lm(ctx, out, "code-target")
+
+
 def _train_wide(ctx: _BuildContext, out: Path) -> _Trained:
     """A wide, shallow LM: few large matrices, so per-token time is matmul-bound (int8 helps here)."""
-    recipe: LMRecipe = ctx.recipes["code-wide"]
-    tok = _code_tokenizer(ctx)
-    train_ids, test_ids, data = _lm_data(ctx)
-    gen = torch.Generator().manual_seed(ctx.seed + 2)
-    model = _new_gpt2(recipe, recipe.n_layer, tok.get_vocab_size(), tok)
-    losses = _train_lm(model, train_ids, recipe, recipe.steps, recipe.lr, recipe.warmup, gen, "code-wide",
-                       ctx.progress)
-    metrics = {"heldout_loss": _heldout_loss(model, test_ids, recipe.eval_len)}
-    metrics["heldout_perplexity"] = math.exp(metrics["heldout_loss"])
-    metrics["decode_ms_per_token"] = 1e3 * _decode_seconds_per_token(model, _prompt_ids(ctx, tok, 4))
-    _save_lm(model, tok, out)
-    config = {**asdict(recipe), "vocab_size": tok.get_vocab_size(), "tokenizer": asdict(ctx.recipes["tokenizer"])}
-    return _Trained(recipe.steps, float(np.mean(losses[-20:])), _param_count(model), data, metrics, config)
+    return _train_causal_lm(ctx, out, "code-wide", seed_offset=2)
 
 
 def _train_draft(ctx: _BuildContext, out: Path) -> _Trained:
@@ -792,11 +815,11 @@ def _time_generate(model, prompt: torch.Tensor, new_tokens: int) -> float:
 # --------------------------------------------------------------------------- classifier
 
 
-def _train_classifier(ctx: _BuildContext, out: Path) -> _Trained:
+def _train_classifier(ctx: _BuildContext, out: Path, name: str = "code-classifier") -> _Trained:
     from transformers import BertConfig, BertForSequenceClassification
 
     # 1. Data: tokenized snippets (train and held-out files)
-    recipe: ClassifierRecipe = ctx.recipes["code-classifier"]
+    recipe: ClassifierRecipe = ctx.recipes[name]
     tokenizer = _classifier_tokenizer(_code_tokenizer(ctx, recipe.vocab_size), recipe.max_length)
     train = datasets.code_snippets("train", n=recipe.train_snippets, seed=ctx.seed)
     test = datasets.code_snippets("test", n=recipe.test_snippets, seed=ctx.seed)
@@ -826,7 +849,7 @@ def _train_classifier(ctx: _BuildContext, out: Path) -> _Trained:
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     model.train()
     losses = []
-    bar = tqdm(total=steps, desc="code-classifier", disable=not ctx.progress)
+    bar = tqdm(total=steps, desc=name, disable=not ctx.progress)
     for epoch in range(recipe.epochs):
         perm = torch.randperm(len(train), generator=gen)
         for i in range(steps_per_epoch):
@@ -899,4 +922,7 @@ _TRAINERS: dict[str, Callable[[_BuildContext, Path], _Trained]] = {
     "code-classifier": _train_classifier,
     "digits-judge": _train_judge,
     "digits-diffusion": _train_diffusion,
+    "code-tall": lambda ctx, out: _train_causal_lm(ctx, out, "code-tall", seed_offset=3),
+    "code-mid": lambda ctx, out: _train_causal_lm(ctx, out, "code-mid", seed_offset=4),
+    "code-classifier-deep": lambda ctx, out: _train_classifier(ctx, out, "code-classifier-deep"),
 }
