@@ -29,6 +29,9 @@ demo: zoo
 		--max-items 256 --batch-size 16 --repeats 5 --warmup 1
 	$(BIN)/workbench runs --since 1d
 	$(BIN)/workbench report --since 1d --out reports/demo.html
+	$(BIN)/workbench import data/seed/runs.parquet --store sqlite:///data/seed-runs.sqlite
+	$(BIN)/workbench learn --store sqlite:///data/seed-runs.sqlite
+	$(BIN)/workbench recommend --model zoo:code-wide --workload code-prompts --budget lossless
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest

@@ -4,13 +4,15 @@ Every row comes from :func:`workbench.runner.run_sweep` on this machine (its fin
 each row); nothing is simulated or edited. Runs that cannot apply (e.g. a GPU-only scheme here, early
 exit on a 1-layer model) are stored as *skipped* with their reason: they are facts too.
 
-Two extra workloads are written first (JSONL, from held-out stdlib files) so that workloads differ in
+The zoo's seed siblings (``code-tall``, ``code-mid``, ``code-classifier-deep``: ``zoo.EXTRA_NAMES``) are
+built first if missing, so that leaving one model out still leaves a similar one to learn from. Two
+extra workloads are written first (JSONL, from held-out stdlib files) so that workloads differ in
 ways that matter: ``repetitive-code`` (long prompts whose continuation repeats earlier text: prompt
 lookup's best case) and ``short-prompts`` (function signatures only).
 
 Run: ``python scripts/make_seed.py --store sqlite:///data/seed/seed.sqlite [--only lm,classifier,diffusion]``
 then ``workbench export --store ... --out data/seed/runs.parquet``. It resumes (skips specs
-already stored ok) when rerun.
+already stored ok or skipped) when rerun. About 45 minutes on 2 cores, plus 10 for the siblings.
 """
 
 from __future__ import annotations
@@ -83,16 +85,22 @@ def lm_specs(extra: dict[str, str]) -> list[RunSpec]:
                               WorkloadSpec(extra["short-prompts"], max_items=6, max_new_tokens=32)]
     draft = ModelSpec("zoo:code-draft")
     layers = {"zoo:code-target": 24, "zoo:code-wide": 2, "zoo:code-draft": 1, "zoo:code-tall": 12, "zoo:code-mid": 4}
+
+    def core(model: str) -> list[TechniqueSpec]:
+        """Prompt lookup, int8 and bf16 everywhere; a draft model and self-speculation for targets."""
+        techniques = [TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 3}),
+                      TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 6}),
+                      TechniqueSpec("quantization", {"scheme": "int8-dynamic"}),
+                      TechniqueSpec("quantization", {"scheme": "bf16"})]
+        if model != "zoo:code-draft":
+            techniques += [TechniqueSpec("speculative", {"num_assistant_tokens": 2}, draft),
+                           TechniqueSpec("speculative", {"num_assistant_tokens": 4}, draft),
+                           TechniqueSpec("speculative", {"draft_layers": max(1, layers[model] // 4)})]
+        return techniques
+
     for model, model_workloads in workloads.items():
         for w_index, workload in enumerate(model_workloads):
-            techniques = [TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 3}),
-                          TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 6}),
-                          TechniqueSpec("quantization", {"scheme": "int8-dynamic"}),
-                          TechniqueSpec("quantization", {"scheme": "bf16"})]
-            if model != "zoo:code-draft":
-                techniques += [TechniqueSpec("speculative", {"num_assistant_tokens": 2}, draft),
-                               TechniqueSpec("speculative", {"num_assistant_tokens": 4}, draft),
-                               TechniqueSpec("speculative", {"draft_layers": max(1, layers[model] // 4)})]
+            techniques = core(model)
             if w_index == 0 and model in ("zoo:code-tall", "zoo:code-mid"):
                 techniques.append(TechniqueSpec("early_exit", {}))
             elif w_index == 0:
@@ -117,11 +125,17 @@ def lm_specs(extra: dict[str, str]) -> list[RunSpec]:
                       TechniqueSpec("speculative", {"num_assistant_tokens": 2}, draft),
                       TechniqueSpec("speculative", {"num_assistant_tokens": 4}, draft)):
         specs.append(RunSpec(ModelSpec("zoo:code-target"), short, technique, repeats=5, threads=2))
+    # Second round, on a quiet machine: two threads for the other four LMs, 64 new tokens for three.
+    for model in ("zoo:code-wide", "zoo:code-draft", "zoo:code-tall", "zoo:code-mid"):
+        specs += [RunSpec(ModelSpec(model), short, t, repeats=3, threads=2) for t in core(model)]
+    for model in ("zoo:code-wide", "zoo:code-tall", "zoo:code-mid"):
+        specs += [RunSpec(ModelSpec(model), WorkloadSpec("code-prompts", max_items=6, max_new_tokens=64), t,
+                          repeats=3, threads=1) for t in core(model)]
     return specs
 
 
 def classifier_specs() -> list[RunSpec]:
-    """Both classifiers; the deep sibling at batch 1 (1 thread) and batch 16 (1 and 2 threads)."""
+    """Both classifiers at batch 1 and 16, with 1 and 2 threads."""
     specs = []
     for batch in (1, 16):
         workload = WorkloadSpec("code-snippets", max_items=64 if batch == 16 else 24, batch_size=batch)
@@ -133,9 +147,8 @@ def classifier_specs() -> list[RunSpec]:
                               TechniqueSpec("early_exit", {"quantization": "int8-dynamic"})):
                 specs.append(RunSpec(ModelSpec("zoo:code-classifier"), workload, technique, repeats=3,
                                      threads=threads))
-                if batch == 16 or threads == 1:
-                    specs.append(RunSpec(ModelSpec("zoo:code-classifier-deep"), workload, technique, repeats=3,
-                                         threads=threads))
+                specs.append(RunSpec(ModelSpec("zoo:code-classifier-deep"), workload, technique, repeats=3,
+                                     threads=threads))
     return specs
 
 

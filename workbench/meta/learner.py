@@ -337,7 +337,8 @@ class MetaLearner(RegressorMixin, BaseEstimator):
         text = export_text(tree, feature_names=self.encoded_columns_, decimals=3)
         if self.learner == "tree":
             text = text.replace("value: [", "log speedup vs prior: [")
-        return text
+        return (f"(a number of {MISSING_NUMBER:g} means 'not applicable', e.g. quantization_bits of an "
+                f"unquantized configuration; name=value columns are 1 when true)\n{text}")
 
 
 # ----------------------------------------------------------------------------------------------------
