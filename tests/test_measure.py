@@ -42,6 +42,23 @@ def test_no_significant_difference_when_interval_contains_one():
     assert comp["verdict"] == "no significant difference" and not comp["significant"]
 
 
+def test_median_of_pairs_is_not_moved_by_a_few_stalls():
+    # 40 pairs where the technique halves every call, then 3 baseline calls stall for 20x their time
+    # (what an oversubscribed machine does): the total-time ratio jumps, the median call does not.
+    rng = np.random.default_rng(3)
+    tech = 0.005 + rng.normal(0, 0.0002, 40)
+    base = 2 * tech
+    quiet = paired_speedup(base, tech)
+    assert quiet["median_pair_speedup"] == pytest.approx(2.0) and quiet["speedup"] == pytest.approx(2.0)
+    assert quiet["median_pair_ci_low"] <= 2.0 <= quiet["median_pair_ci_high"]
+    stalled = base.copy()
+    stalled[[3, 17, 29]] *= 20
+    noisy = paired_speedup(stalled, tech)
+    assert noisy["speedup"] > 3.0  # the total-time ratio is dragged up by three calls
+    assert noisy["median_pair_speedup"] == pytest.approx(2.0, rel=0.01)
+    assert noisy["median_pair_ci_high"] < noisy["ci_high"]
+
+
 def test_single_pair_has_no_interval():
     comp = paired_speedup([1.0], [0.5])
     assert comp["speedup"] == 2.0 and comp["ci_low"] is None and comp["verdict"] == "no significant difference"

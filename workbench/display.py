@@ -108,6 +108,10 @@ def run_text(result: Any) -> str:
         comp = result.comparison
         lines.append(f"speedup {format_speedup(comp)} (95% paired bootstrap CI over {comp.get('pairs')} calls); "
                      f"quality: {quality_text(result.quality)}")
+        if comp.get("median_pair_ci_low") is not None:
+            lines.append(f"median call {comp['median_pair_speedup']:.2f}x [{comp['median_pair_ci_low']:.2f}, "
+                         f"{comp['median_pair_ci_high']:.2f}] (median of the per-pair ratios: little moved by "
+                         "calls that stall; far from the total-time figure above means a noisy machine)")
         lines.extend(technique_lines(result))
     lines.append(f"status: {result.status}" + (f" ({result.failure_reason})" if result.failure_reason else "")
                  + f" | run {result.run_id}")
