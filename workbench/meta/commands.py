@@ -40,6 +40,7 @@ def learn(store_url: str | None = None, out: str | Path | None = None, learner: 
     fitted = train(runs, learner=learner, random_state=random_state, source=store.url)
     path = persist.save(fitted, out)
     # 3. Text.
+    misses = evaluate.shortfalls(results)
     text = "\n".join([
         f"learned from {store.url}: {len(runs)} runs, {int(table['n_runs'].sum())} usable, "
         f"{table['context'].nunique()} contexts, {table['configuration'].nunique()} configurations, "
@@ -50,9 +51,8 @@ def learn(store_url: str | None = None, out: str | Path | None = None, learner: 
         evaluate.ANCHOR,
         "regret (oracle speedup - achieved, lower is better):",
         *[f"  - {line}" for line in evaluate.regret_verdicts(results)],
-        *(["where the meta-learner does not beat a baseline:"] + [f"  - {line}" for line in
-                                                                    evaluate.shortfalls(results)]
-          if evaluate.shortfalls(results) else ["the meta-learner beats every baseline in every grouping"]),
+        *(["where the meta-learner does not beat a baseline:"] + [f"  - {line}" for line in misses]
+          if misses else ["the meta-learner beats every baseline in every grouping"]),
         f"saved the {learner} meta-learner to {path} (no pickle; trained on {len(fitted.provenance_['run_ids'])} "
         f"runs from {len(fitted.provenance_['machine_ids'])} machine(s))",
     ])

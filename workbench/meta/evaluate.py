@@ -138,14 +138,22 @@ def oracle(rows: pd.DataFrame, budget: Budget) -> tuple[str, float]:
     return str(best["configuration"]), float(best["measured_speedup"])
 
 
+def _measured_log_speedup(rows: pd.DataFrame, configuration: str, budget: Budget) -> tuple[float, float] | None:
+    """Measured log speedup of ``configuration`` in this context and its standard error (the baseline:
+    0 and 0); None when its measured quality broke the budget."""
+    if configuration == BASELINE_CONFIGURATION:
+        return 0.0, 0.0
+    row = rows[rows["configuration"] == configuration].iloc[0]
+    if not budget.allows(bool(row["lossless"]), float(row["quality_loss_points"])):
+        return None
+    se = float(row["log_speedup_se"]) if "log_speedup_se" in row and np.isfinite(row["log_speedup_se"]) else 0.0
+    return float(row["log_speedup"]), se
+
+
 def achieved_speedup(rows: pd.DataFrame, choice: str, budget: Budget) -> tuple[float, bool]:
     """Measured speedup of ``choice`` in this context, and whether its measured quality broke the budget."""
-    if choice == BASELINE_CONFIGURATION:
-        return 1.0, False
-    row = rows[rows["configuration"] == choice].iloc[0]
-    if not budget.allows(bool(row["lossless"]), float(row["quality_loss_points"])):
-        return 1.0, True
-    return float(math.exp(row["log_speedup"])), False
+    measured = _measured_log_speedup(rows, choice, budget)
+    return (1.0, True) if measured is None else (float(math.exp(measured[0])), False)
 
 
 def tied_with_oracle(rows: pd.DataFrame, choice: str, oracle_choice: str, budget: Budget) -> bool:
@@ -154,17 +162,7 @@ def tied_with_oracle(rows: pd.DataFrame, choice: str, oracle_choice: str, budget
     choice that broke the budget is never tied."""
     if choice == oracle_choice:
         return True
-
-    def measured(configuration: str) -> tuple[float, float] | None:
-        if configuration == BASELINE_CONFIGURATION:
-            return 0.0, 0.0
-        row = rows[rows["configuration"] == configuration].iloc[0]
-        if not budget.allows(bool(row["lossless"]), float(row["quality_loss_points"])):
-            return None
-        se = float(row["log_speedup_se"]) if "log_speedup_se" in row and np.isfinite(row["log_speedup_se"]) else 0.0
-        return float(row["log_speedup"]), se
-
-    chosen, best = measured(choice), measured(oracle_choice)
+    chosen, best = _measured_log_speedup(rows, choice, budget), _measured_log_speedup(rows, oracle_choice, budget)
     if chosen is None or best is None:
         return False
     return abs(best[0] - chosen[0]) <= 1.96 * math.hypot(best[1], chosen[1])

@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -708,16 +709,6 @@ def _train_causal_lm(ctx: _BuildContext, out: Path, name: str, seed_offset: int 
                     data, metrics, config)
 
 
-def _train_target(ctx: _BuildContext, out: Path) -> _Trained:
-    """The deep narrow target: slow per token, where speculative decoding pays."""
-    return _train_causal_lm(ctx, out, "code-target")
-
-
-def _train_wide(ctx: _BuildContext, out: Path) -> _Trained:
-    """A wide, shallow LM: few large matrices, so per-token time is matmul-bound (int8 helps here)."""
-    return _train_causal_lm(ctx, out, "code-wide", seed_offset=2)
-
-
 def _train_draft(ctx: _BuildContext, out: Path) -> _Trained:
     from transformers import AutoModelForCausalLM
 
@@ -916,13 +907,15 @@ def _train_diffusion(ctx: _BuildContext, out: Path) -> _Trained:
 
 
 _TRAINERS: dict[str, Callable[[_BuildContext, Path], _Trained]] = {
-    "code-target": _train_target,
+    # causal LMs: one trainer, each model its own recipe and data-order seed (code-target: deep and narrow,
+    # where speculative decoding pays; code-wide: matmul-bound, where int8 pays)
+    "code-target": functools.partial(_train_causal_lm, name="code-target"),
     "code-draft": _train_draft,
-    "code-wide": _train_wide,
+    "code-wide": functools.partial(_train_causal_lm, name="code-wide", seed_offset=2),
     "code-classifier": _train_classifier,
     "digits-judge": _train_judge,
     "digits-diffusion": _train_diffusion,
-    "code-tall": lambda ctx, out: _train_causal_lm(ctx, out, "code-tall", seed_offset=3),
-    "code-mid": lambda ctx, out: _train_causal_lm(ctx, out, "code-mid", seed_offset=4),
-    "code-classifier-deep": lambda ctx, out: _train_classifier(ctx, out, "code-classifier-deep"),
+    "code-tall": functools.partial(_train_causal_lm, name="code-tall", seed_offset=3),
+    "code-mid": functools.partial(_train_causal_lm, name="code-mid", seed_offset=4),
+    "code-classifier-deep": functools.partial(_train_classifier, name="code-classifier-deep"),
 }
