@@ -29,6 +29,7 @@ from workbench import quality
 from workbench.measure import run_interleaved, summarize_samples
 from workbench.models import zoo
 from workbench.models.loading import load_model
+from workbench.runner import build_trial, plan
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.techniques._execute import draw
 from workbench.techniques.adaptive_steps import AdaptiveSteps
@@ -66,7 +67,8 @@ def main() -> int:
     techniques = {}
     for policy, params in policy_params.items():
         technique = AdaptiveSteps(**params)
-        technique.prepare(model, RunSpec(model.spec, workload, TechniqueSpec("adaptive_steps", params)))
+        spec = RunSpec(model.spec, workload, TechniqueSpec("adaptive_steps", params))
+        technique.prepare(build_trial(plan(spec), model=model))
         techniques[policy] = technique
     predictor = techniques["predictor"]
     batches, judge = predictor.batches_, predictor.judge_

@@ -23,6 +23,7 @@ import torch
 
 from workbench.models import zoo
 from workbench.models.loading import load_model
+from workbench.runner import build_trial, plan
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.techniques.early_exit import EarlyExit
 
@@ -51,7 +52,7 @@ def main() -> int:
                    TechniqueSpec("early_exit", params), repeats=args.repeats)
     model = load_model(spec.model)
     technique = EarlyExit(**params)
-    technique.prepare(model, spec)
+    technique.prepare(build_trial(plan(spec), model=model))
     report = technique.internals([])
     technique.release()
     # 3. Print.

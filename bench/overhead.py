@@ -25,8 +25,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from workbench.measure import run_interleaved
 from workbench.models.loading import LoadedModel, describe_module
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
+from workbench.techniques.base import Trial
 from workbench.techniques.baseline import Baseline
-from workbench.workloads import Batch
+from workbench.workloads import Batch, Workload
 
 LIMIT = 1.02
 
@@ -45,9 +46,11 @@ def make_call() -> callable:
     spec = RunSpec(ModelSpec("bench:gpt2-random"), WorkloadSpec("bench", max_new_tokens=16),
                    TechniqueSpec("baseline"))
     baseline = Baseline()
-    baseline.prepare(loaded, spec)
     ids = torch.randint(1, 512, (1, 24))
     batch = Batch(1, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["random prompt"])
+    # a random model has no files to plan from: the trial is built by hand, with no facts
+    baseline.prepare(Trial(spec=spec, facts=None, model=loaded, draft=None,
+                           workload=Workload("bench", "text-generation", [{"prompt": "random prompt"}]), batches=[batch]))
     return lambda: baseline.run(batch)
 
 

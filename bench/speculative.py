@@ -28,6 +28,8 @@ import torch
 from workbench.measure import BASELINE, paired_speedup, run_interleaved, summarize_samples
 from workbench.models import zoo
 from workbench.models.loading import load_model
+from workbench.runner import build_trial, plan
+from workbench.techniques.base import Outcome
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.techniques.baseline import Baseline
 from workbench.techniques.speculative import Speculative
@@ -69,9 +71,10 @@ def main() -> int:
         spec = RunSpec(ModelSpec("zoo:code-target"), workload_spec,
                        TechniqueSpec("speculative", params, ModelSpec("zoo:code-draft") if drafter else None))
         techniques[name] = Speculative(**params)
-        techniques[name].prepare(target, spec, drafter)
+        techniques[name].prepare(build_trial(plan(spec), model=target, draft=drafter))
     baseline = Baseline()
-    baseline.prepare(target, RunSpec(ModelSpec("zoo:code-target"), workload_spec, TechniqueSpec("baseline")))
+    baseline_spec = RunSpec(ModelSpec("zoo:code-target"), workload_spec, TechniqueSpec("baseline"))
+    baseline.prepare(build_trial(plan(baseline_spec), model=target))
     calls = {BASELINE: lambda i: baseline.run(batches[i])}
     calls.update({name: (lambda i, t=t: t.run(batches[i])) for name, t in techniques.items()})
 
@@ -92,7 +95,7 @@ def main() -> int:
     print(f"{'plain greedy':<28}{base_stats['tokens_per_s']:>9.1f}  {'1.00x (reference)':<34}")
     for name, tech in techniques.items():
         stats, comp = summary["variants"][name], summary["comparisons"][name]
-        info = tech.internals(measured.internals[name])
+        info = tech.report(Outcome(measured.internals[name], [], [], {})).internals
         identical = sum(o == b for o, b in zip(measured.outputs[name], measured.outputs[BASELINE]))
         accept = info.get("acceptance_rate")
         predicted = info.get("predicted_speedup")

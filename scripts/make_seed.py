@@ -1,6 +1,6 @@
 """Measure the seed dataset: real runs of every technique over the zoo and a spread of settings.
 
-Every row comes from :func:`workbench.runner.run_sweep` on this machine (its fingerprint is stored in
+Every row comes from :func:`workbench.sweep.run_sweep` on this machine (one worker per run, as `workbench sweep`) (its fingerprint is stored in
 each row); nothing is simulated or edited. Runs that cannot apply (e.g. a GPU-only scheme here, early
 exit on a 1-layer model) are stored as *skipped* with their reason: they are facts too.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from workbench import datasets
 from workbench.models import zoo
-from workbench.runner import run_sweep
+from workbench.sweep import run_sweep
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.store import Store
 
@@ -179,12 +179,9 @@ def main() -> int:
     skipped = set(store.runs(status="skipped").get("spec_key", []))  # facts already; rerunning repeats them
     todo = [s for s in specs if not store.has_ok_run(s.key()) and s.key() not in skipped]
     print(f"{len(specs)} specs, {len(specs) - len(todo)} already stored ok, running {len(todo)}", flush=True)
-    results = run_sweep(todo, store=store, progress=True)
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    print(counts)
-    return 0
+    outcome = run_sweep(todo, store, progress=True)
+    print({"ok": outcome.ok, "failed": outcome.failed, "skipped": outcome.skipped})
+    return 130 if outcome.interrupted else 0
 
 
 if __name__ == "__main__":

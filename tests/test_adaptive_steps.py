@@ -32,7 +32,7 @@ def digits_spec(params: dict, max_items: int = 4, batch_size: int = 1, workload:
 def prepared(model, params: dict, **spec_args) -> AdaptiveSteps:
     spec = digits_spec(params, **spec_args)
     technique = AdaptiveSteps(**params)
-    technique.prepare(model, spec)
+    technique.prepare(runner.build_trial(runner.plan(spec), model=model))
     return technique
 
 
@@ -72,8 +72,9 @@ def test_each_policy_uses_fewer_steps_than_the_fixed_baseline(runs, policy):
     assert result.quality["steps_technique_mean"] < STEPS
     internals = result.internals["technique"]
     assert internals["mean_steps"] == result.quality["steps_technique_mean"]
-    assert [row["steps"] for row in internals["steps_per_input"]] == result.quality["steps_technique_per_input"]
-    assert internals["seconds_per_step"]["steps_timed"] == sum(result.quality["steps_technique_per_input"])
+    per_input = internals["quality_details"]["steps_technique_per_input"]
+    assert [row["steps"] for row in internals["steps_per_input"]] == per_input
+    assert internals["seconds_per_step"]["steps_timed"] == sum(per_input)
     assert internals["seconds_per_step"]["median"] > 0
 
 
@@ -85,7 +86,9 @@ def test_quality_keys_are_present_and_in_range(runs, policy):
     for key in ("judge_accuracy_baseline", "judge_accuracy_technique", "judge_accuracy_reference",
                 "ssim_target_met_rate_technique"):
         assert 0.0 <= q[key] <= 1.0
-    assert q["judge"] == "zoo:digits-judge"
+    assert runs[policy].internals["technique"]["quality_details"]["judge"] == "zoo:digits-judge"
+    units = {m["name"]: m["unit"] for m in runs[policy].quality_metrics}  # typed: each figure with its unit
+    assert units["ssim_technique_vs_reference"] == "SSIM" and units["judge_accuracy_change_points"] == "points"
     assert q["psnr_db_technique_vs_reference"] is None or q["psnr_db_technique_vs_reference"] > 0
     # the baseline draws as many steps as the reference, from the same seeds: it is the reference
     assert q["ssim_baseline_vs_reference"] == pytest.approx(1.0)
@@ -187,7 +190,7 @@ def test_release_restores_the_pipeline_after_failures(digits, tmp_path):
     params = POLICIES["predictor"]
     technique = AdaptiveSteps(**params)
     with pytest.raises(ValueError, match="class_labels"):
-        technique.prepare(digits, digits_spec(params, workload=str(workload)))
+        technique.prepare(runner.build_trial(runner.plan(digits_spec(params, workload=str(workload))), model=digits))
     technique.release()
     assert_same_state(before, pipeline_state(digits.model))
 
@@ -207,10 +210,15 @@ def test_bad_params_give_one_clear_line(params, words):
 
 
 def test_convergence_on_a_pipeline_without_pred_original_sample_is_refused_before_loading(tmp_path):
+    from workbench.models.facts import read_facts
+    from workbench.techniques.base import Facts
+
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    reason = AdaptiveSteps(policy="convergence").why_not_located(tmp_path, None)
+    facts = Facts(read_facts(ModelSpec(str(tmp_path))), None, "cpu", 0)
+    spec = digits_spec({"policy": "convergence"})
+    reason = AdaptiveSteps(policy="convergence").check(facts, spec)
     assert "StableDiffusionPipeline" in reason and "pred_original_sample" in reason and "policy=predictor" in reason
-    assert AdaptiveSteps(policy="predictor").why_not_located(tmp_path, None) is None
+    assert AdaptiveSteps(policy="predictor").check(facts, spec) is None
 
 
 def test_cli_reports_speed_and_quality_side_by_side(quick_zoo, cli_env, workbench_cmd):

@@ -12,7 +12,7 @@ from workbench.errors import NotApplicableError
 from workbench.models.loading import LoadedModel, load_model
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.techniques._execute import classify
-from workbench.techniques.base import TechniqueParamError
+from workbench.techniques.base import Outcome, TechniqueParamError
 from workbench.techniques.early_exit import EarlyExit
 from workbench.workloads import Batch
 
@@ -25,10 +25,15 @@ def classifier_spec(max_items: int = 8, batch_size: int = 4, **params) -> RunSpe
                    TechniqueSpec("early_exit", {**FAST, **params}), repeats=1)
 
 
+def trial_for(spec: RunSpec, model):
+    """The trial the runner would build, on an already loaded (or fake) model."""
+    return runner.build_trial(runner.plan(spec), model=model)
+
+
 def prepared(model, **params) -> EarlyExit:
     spec = classifier_spec(**params)
     technique = EarlyExit(**spec.technique.param_dict)
-    technique.prepare(model, spec)
+    technique.prepare(trial_for(spec, model))
     return technique
 
 
@@ -74,10 +79,9 @@ def test_patience_exits_only_after_agreeing_layers(classifier):
     stack, heads = technique.stack_, technique.heads_
     for batch in technique.batches_:
         out = technique.run(batch)
-        folds = torch.tensor([technique.fold_by_seed_[s] for s in batch.seeds])
         with torch.inference_mode():
             hidden = stack.hidden_states(batch.inputs)
-            labels = torch.stack([heads.logits(i, hidden[i][:, 0], folds).argmax(-1)
+            labels = torch.stack([heads.logits(i, hidden[i][:, 0]).argmax(-1)
                                   for i in range(stack.num_layers - 1)], dim=1)  # (B, L-1)
         for row, layer in enumerate(out.internals["exit_layers"]):
             assert layer >= 2  # patience 2 needs two layers' predictions
@@ -114,10 +118,25 @@ def test_curve_and_operating_point(classifier):
     assert report["threshold_used"] == chosen["threshold"]  # threshold unset: the operating point's
     assert sum(report["exit_layer_histogram"].values()) == 8
     training = report["heads_training"]
-    assert training["cross_fit_folds"] == 2 and training["items"] == 8 and training["steps"] == 40
-    assert len(training["per_layer_head_accuracy"]) == 3
-    assert technique.fold_by_seed_ == {b.seeds[i]: (4 * n + i) % 2 for n, b in enumerate(technique.batches_)
-                                       for i in range(b.size)}
+    assert training["items"] == 8 and training["steps"] == 40
+    assert len(training["per_layer_head_accuracy"]) == 3 and len(training["per_layer_train_accuracy"]) == 3
+
+
+def test_heads_and_the_operating_point_never_see_the_timed_inputs(classifier, tmp_path):
+    """The heads train, and the curve is measured, on the calibration split: no timed text among them."""
+    technique = prepared(classifier)
+    timed = {text for batch in technique.batches_ for text in batch.texts}
+    calibration = {text for batch in technique.calibration_ for text in batch.texts}
+    assert len(calibration) == 8 and not timed & calibration
+    assert technique.training_["items"] == len(calibration)
+    spec = classifier_spec()
+    assert technique.report(Outcome([], [], [], {})).lossless is False  # typed report, lossy
+    # a file whose every line is timed leaves nothing to calibrate on: refused at plan time
+    path = tmp_path / "snippets.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"def f{i}(): pass", "label": 0}) for i in range(4)))
+    too_few = RunSpec(spec.model, WorkloadSpec(str(path), max_items=None), spec.technique)
+    with pytest.raises(NotApplicableError, match="calibration"):
+        runner.plan(too_few)
 
 
 def test_the_model_is_unchanged_after_release_even_after_a_failing_run(classifier):
@@ -145,11 +164,11 @@ def test_unsupported_models_get_one_clear_line(classifier):
     mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     fake = LoadedModel(ModelSpec("zoo:code-classifier"), "classifier", mlp, classifier.tokenizer, "cpu",
                        "float32", "-", {})
+    trial = trial_for(spec, classifier)
+    trial.model = fake  # the runner's batches, then a model early exit cannot split into layers
     with pytest.raises(NotApplicableError, match="Sequential") as err:
-        EarlyExit(**FAST).prepare(fake, spec)
+        EarlyExit(**FAST).prepare(trial)
     assert "\n" not in str(err.value)
-    reason = EarlyExit().why_not("diffusion", spec)
-    assert "diffusion" in reason and "classifier" in reason
     diffusion = RunSpec(ModelSpec("zoo:digits-diffusion"), WorkloadSpec("digits", max_items=2),
                         TechniqueSpec("early_exit"))
     with pytest.raises(NotApplicableError, match="not to a diffusion model"):
@@ -207,7 +226,7 @@ def test_lm_never_exiting_equals_greedy_and_low_threshold_runs_fewer_layers(caus
         EarlyExit(threshold=0.0, thresholds="0.5", curve_repeats=1, check_every=1)
     reports = {}
     for name, technique in (("never", never), ("always", always)):
-        technique.prepare(causal_lm, spec)
+        technique.prepare(trial_for(spec, causal_lm))
         outs = [technique.run(b) for b in technique.batches_]
         if name == "never":
             assert [o.output for o in outs] == [technique._full(b).output for b in technique.batches_]
@@ -275,8 +294,10 @@ def test_lm_unsupported_architecture_and_batch_size(quick_zoo, causal_lm):
                                          num_attention_heads=2, num_key_value_heads=2)).eval()
     fake = LoadedModel(ModelSpec("zoo:code-target"), "causal_lm", llama, causal_lm.tokenizer, "cpu", "float32",
                        "-", {})
-    with pytest.raises(NotApplicableError, match="LlamaForCausalLM"):
-        EarlyExit().prepare(fake, lm_spec())
+    trial = trial_for(lm_spec(), causal_lm)
+    trial.model = fake
+    with pytest.raises(NotApplicableError, match="LlamaForCausalLM"):  # the layer stack's own refusal, too
+        EarlyExit().prepare(trial)
     batched = RunSpec(ModelSpec("zoo:code-target"), WorkloadSpec("code-prompts", batch_size=2),
                       TechniqueSpec("early_exit"))
     with pytest.raises(NotApplicableError, match="batch_size=1"):

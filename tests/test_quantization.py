@@ -16,9 +16,10 @@ from transformers.pytorch_utils import Conv1D
 
 from workbench.errors import NotApplicableError
 from workbench.models.loading import load_model
-from workbench.runner import execute, plan, run_sweep
+from workbench.runner import execute, plan
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.store import Store
+from workbench.sweep import run_sweep
 from workbench.techniques._quantize import conv1d_to_linear, quantize_copy
 
 
@@ -92,11 +93,11 @@ def test_gpu_only_and_missing_library_variants_fail_plan_with_a_reason(quick_zoo
 
 def test_a_sweep_skips_inapplicable_variants_and_runs_the_rest(quick_zoo, tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'runs.sqlite'}")
-    results = run_sweep([_spec("bnb-nf4"), _spec("int8-dynamic")], store=store, progress=False)
-    assert [r.status for r in results] == ["skipped", "ok"]
-    assert "needs a CUDA GPU" in results[0].failure_reason
+    outcome = run_sweep([_spec("bnb-nf4"), _spec("int8-dynamic")], store, progress=False)
+    assert (outcome.skipped, outcome.ok) == (1, 1)
     stored = store.runs()
-    assert sorted(stored["status"]) == ["ok", "skipped"]
+    assert list(stored["status"]) == ["skipped", "ok"]
+    assert "needs a CUDA GPU" in stored["failure_reason"][0]
 
 
 def test_lm_run_reports_perplexity_kl_and_bytes_beside_speed(quick_zoo):
@@ -109,8 +110,9 @@ def test_lm_run_reports_perplexity_kl_and_bytes_beside_speed(quick_zoo):
     assert q["next_token_kl_mean"] >= 0 and q["quality_text_tokens"] > 0
     tech = result.internals["technique"]
     assert tech["library"].startswith("torch.ao") and tech["bytes_after"] < tech["bytes_before"]
-    variants = result.summary["variants"]
-    assert variants["quantization"]["model_bytes"] == tech["bytes_after"] < variants["baseline"]["model_bytes"]
+    resources = result.resources
+    assert resources["quantization"]["model_bytes"] == tech["bytes_after"] < resources["baseline"]["model_bytes"]
+    assert result.report["model_bytes"] == tech["bytes_after"]
     assert result.comparison["speedup"] > 0
 
 

@@ -16,7 +16,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from workbench.errors import NotApplicableError
 from workbench.models.loading import load_model
-from workbench.runner import execute, plan
+from workbench.runner import build_trial, execute, plan
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.techniques._speculative_loop import (LookupDrafter, ModelDrafter, SelfDrafter, _crop,
                                                     speculative_generate, theoretical_speedup)
@@ -195,7 +195,7 @@ def test_failed_hf_self_speculation_leaves_the_model_unchanged(pair):
     weights = {k: v.clone() for k, v in target.model.state_dict().items()}
     technique = Speculative(implementation="hf", draft_layers=1)
     spec = _spec(implementation="hf", draft_layers=1)
-    technique.prepare(target, spec)
+    technique.prepare(build_trial(plan(spec), model=target))
     batch = Batch(size=1, inputs=dict(target.tokenizer(PROMPTS[0], return_tensors="pt")), texts=[PROMPTS[0]])
     with pytest.raises(Exception):  # transformers' assistant_early_exit cannot run GPT-2
         technique.run(batch)

@@ -301,5 +301,6 @@ def test_url_hides_the_password() -> None:
 
 def test_json_columns_are_the_documented_ones() -> None:
     assert JSON_COLUMNS == {
-        "params", "environment", "spec", "summary", "samples", "quality", "internals", "outputs"
+        "params", "environment", "spec", "summary", "samples", "quality", "internals", "outputs",
+        "quality_metrics", "technique_features", "resources",
     }

@@ -112,9 +112,35 @@ def test_an_older_store_is_migrated_forward_and_keeps_its_rows(tmp_path: Path) -
     conn.close()
 
     reopened = Store(f"sqlite:///{path}")
-    assert reopened.schema_version() == SCHEMA_VERSION == 2
+    assert reopened.schema_version() == SCHEMA_VERSION == 3
     assert reopened.count() == 1 and reopened.has_ok_run("k")
     with sqlite3.connect(path) as conn:
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(runs)")}
     conn.close()
     assert "ix_runs_spec_key_status" in indexes
+
+
+def test_a_schema_2_store_gains_the_report_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    from workbench.store import COLUMNS_ADDED
+
+    path = tmp_path / "v2.sqlite"
+    store = Store(f"sqlite:///{path}")
+    store.append({"spec_key": "old", "status": "ok", "model": "m", "workload": "w", "technique": "baseline",
+                  "device": "cpu", "dtype": "float32", "seed": 0, "repeats": 1, "warmup": 0})
+    store.close()
+    # Make it a schema-2 store, as the release before the typed report wrote it: no report columns.
+    with sqlite3.connect(path) as conn:
+        for name in COLUMNS_ADDED[3]:
+            conn.execute(f"ALTER TABLE runs DROP COLUMN {name}")
+        conn.execute("UPDATE workbench_meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+
+    reopened = Store(f"sqlite:///{path}")
+    assert reopened.schema_version() == 3
+    reopened.append({"spec_key": "new", "status": "ok", "model": "m", "workload": "w", "technique": "baseline",
+                     "device": "cpu", "dtype": "float32", "seed": 0, "repeats": 1, "warmup": 0, "lossless": True,
+                     "model_bytes": 123, "quality_metrics": [{"name": "x", "value": 1.0, "unit": "%"}]})
+    frame = reopened.runs()
+    assert list(frame["spec_key"]) == ["old", "new"]
+    assert frame["lossless"].isna().tolist() == [True, False] and bool(frame["lossless"][1])
+    assert frame["quality_metrics"][0] is None and frame["quality_metrics"][1][0]["unit"] == "%"

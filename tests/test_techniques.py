@@ -1,6 +1,7 @@
 """The contract test: every registered technique, run end to end on the quick zoo."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -27,15 +28,17 @@ def spec_from_example(name: str, example: dict) -> RunSpec:
 
 
 @pytest.mark.parametrize("name", techniques.names())
-def test_declares_the_contract(name):
+def test_declares_the_contract(quick_zoo, name):
     cls = techniques.get(name)
     assert issubclass(cls, Technique) and cls.name == name
     assert cls.applies_to and set(cls.applies_to) <= {"causal_lm", "classifier", "diffusion"}
     assert cls.description
     assert cls.examples, f"technique {name} has no runnable example for the contract test"
     technique = cls()
+    facts = runner.plan(spec_from_example(name, cls.examples[0])).facts
     for kind in {"causal_lm", "classifier", "diffusion"} - set(cls.applies_to):
-        reason = technique.why_not(kind, spec_from_example(name, cls.examples[0]))
+        other = dataclasses.replace(facts, model=dataclasses.replace(facts.model, kind=kind))
+        reason = technique.check(other, spec_from_example(name, cls.examples[0]))
         assert reason and kind in reason
     with pytest.raises(TechniqueParamError, match="valid parameters"):
         cls(no_such_param=1)
@@ -48,6 +51,14 @@ def test_runs_end_to_end_and_leaves_models_unchanged(quick_zoo, name, example):
     before = {k: v.clone() for k, v in (target.model.unet if target.kind == "diffusion" else target.model).state_dict().items()}
     result = runner.run(spec, progress=False)
     assert result.status == "ok", result.failure_reason
+    # the typed report: every field there, quality as named metrics with a unit and a direction
+    report = result.report
+    assert isinstance(report["lossless"], bool) and report["headline"]
+    for metric in report["quality"]:
+        assert metric["name"] in result.quality and isinstance(metric["unit"], str)
+        assert metric["higher_is_better"] in (True, False, None)
+    assert result.to_row()["lossless"] == report["lossless"]
+    assert result.resources["baseline"]["model_bytes"] > 0
     variants = result.summary["variants"]
     assert set(variants) == {"baseline", name} or (name == "baseline" and len(variants) == 2)
     for stats in variants.values():
@@ -65,7 +76,10 @@ def test_speculative_release_restores_the_draft_config(quick_zoo):
     target, draft = load_model(spec.model), load_model(spec.technique.draft)
     saved = copy.deepcopy(draft.model.generation_config.to_dict())
     technique = techniques.get("speculative")(implementation="hf", num_assistant_tokens=7)
-    technique.prepare(target, spec, draft)
+    spec = dataclasses.replace(spec, technique=TechniqueSpec("speculative", {"implementation": "hf",
+                                                                             "num_assistant_tokens": 7},
+                                                             spec.technique.draft))
+    technique.prepare(runner.build_trial(runner.plan(spec), model=target, draft=draft))
     assert draft.model.generation_config.num_assistant_tokens == 7
     technique.release()
     assert draft.model.generation_config.to_dict() == saved
@@ -99,3 +113,14 @@ def test_speculative_why_not_before_loading(quick_zoo):
                             TechniqueSpec("speculative", draft=ModelSpec("zoo:code-draft")))
     with pytest.raises(NotApplicableError, match="classifier"):
         runner.plan(on_classifier)
+
+
+def test_meta_display_and_figures_know_no_technique_by_name():
+    """They read the typed report and Technique.features; only the reference ("baseline") is named."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "workbench"
+    files = [*sorted((root / "meta").glob("*.py")), root / "display.py", root / "widgets" / "figures.py"]
+    found = [f"{path.relative_to(root)}: {name}" for path in files for name in techniques.names()
+             if name != "baseline" and name in path.read_text(encoding="utf-8")]
+    assert found == []

@@ -72,7 +72,7 @@ def test_controls_follow_the_technique(quick_zoo: Path, empty_store: str) -> Non
         panel.technique.value = name
         cls = techniques.get(name)
         assert set(panel.param_widgets) == set(cls.params)
-        assert (panel.draft.layout.display != "none") == cls.needs_draft
+        assert (panel.draft.layout.display != "none") == cls.takes_draft
     panel.technique.value = "speculative"
     panel.param_widgets["num_assistant_tokens"].value = 2
     panel.model.value = "zoo:code-target"

@@ -243,7 +243,8 @@ def _runs_view(frame: Any) -> Any:
     view = frame.copy()
     view["run_id"] = view["run_id"].str[:12]
     view["created_at"] = view["created_at"].dt.strftime("%Y-%m-%d %H:%M:%S")
-    view["quality"] = [quality_text(q) if q else "" for q in view["quality"]]
+    metrics = view["quality_metrics"] if "quality_metrics" in view else [None] * len(view)
+    view["quality"] = [quality_text(q, m) if q else "" for q, m in zip(view["quality"], metrics)]
     for col in ("speedup", "speedup_ci_low", "speedup_ci_high"):
         view[col] = view[col].round(3)
     return view[columns]

@@ -35,32 +35,49 @@ def format_speedup(comp: dict[str, Any]) -> str:
     return f"{comp['speedup']:.2f}x [{comp['ci_low']:.2f}, {comp['ci_high']:.2f}] {comp['verdict']}"
 
 
-def quality_text(quality: dict[str, Any]) -> str:
-    """The headline quality figure in words."""
-    if "exact_match_rate" in quality:
+#: Labels and units of quality figures stored before techniques reported typed metrics (schema < 3),
+#: so older runs read the same as new ones: key -> (label, unit).
+LEGACY_METRICS: dict[str, tuple[str, str]] = {
+    "perplexity_baseline": ("perplexity (baseline)", ""), "perplexity_technique": ("perplexity", ""),
+    "perplexity_change_percent": ("perplexity change", "%"), "next_token_kl_mean": ("next-token KL", "nats"),
+    "label_kl_mean": ("label KL", "nats"), "ssim_technique_vs_reference": ("SSIM vs reference", "SSIM"),
+    "ssim_baseline_vs_reference": ("SSIM vs reference (baseline)", "SSIM"),
+    "steps_technique_mean": ("mean steps", "steps"), "judge_accuracy_technique": ("judge accuracy", ""),
+    "judge_accuracy_baseline": ("judge accuracy (baseline)", ""),
+}
+
+
+def standard_quality_text(quality: dict[str, Any]) -> str:
+    """The comparison every run gets (outputs against the baseline's), in words."""
+    if quality.get("exact_match_rate") is not None:
         n = quality["inputs"]
         same = round(quality["exact_match_rate"] * n)
-        text = f"identical output on {same}/{n} inputs, token agreement {quality['token_agreement']:.1%}"
-        if quality.get("perplexity_change_percent") is not None:
-            text += (f", perplexity {quality['perplexity_baseline']:.2f} -> {quality['perplexity_technique']:.2f} "
-                     f"({quality['perplexity_change_percent']:+.2f}%), next-token KL {quality['next_token_kl_mean']:.4f}")
-        return text
+        return f"identical output on {same}/{n} inputs, token agreement {quality['token_agreement']:.1%}"
     if "accuracy_technique" in quality:
         return (f"accuracy {quality['accuracy_technique']:.1%} vs {quality['accuracy_baseline']:.1%} "
                 f"({quality['accuracy_change_points']:+.1f} points), agreement {quality['agreement']:.1%}")
-    if "ssim_technique_vs_reference" in quality:
-        text = (f"SSIM vs {quality['reference_steps']}-step reference {quality['ssim_technique_vs_reference']:.3f} "
-                f"(baseline {quality['ssim_baseline_vs_reference']:.3f}), {quality['steps_technique_mean']:.1f} vs "
-                f"{quality['steps_baseline']} steps")
-        if quality.get("judge_accuracy_technique") is not None:
-            text += (f", judge accuracy {quality['judge_accuracy_technique']:.0%} vs "
-                     f"{quality['judge_accuracy_baseline']:.0%}")
-        return text
+    if quality.get("identical_rate") == 1.0:
+        return f"identical images on {quality['inputs']}/{quality['inputs']} inputs"
     if "psnr_db_mean" in quality:
-        if quality.get("identical_rate") == 1.0:
-            return f"identical images on {quality['inputs']}/{quality['inputs']} inputs"
         return f"PSNR {quality['psnr_db_mean']:.1f} dB vs baseline, identical on {quality['identical_rate']:.0%}"
-    return "no quality figure"
+    return ""
+
+
+def metric_texts(metrics: list[dict[str, Any]] | None, quality: dict[str, Any] | None = None) -> list[str]:
+    """'label value unit' for each headline metric a technique reported (or, for a run stored before
+    typed metrics, for each known figure in its quality)."""
+    from workbench.techniques.base import Metric
+
+    if metrics:
+        return [Metric(**m).text() for m in metrics if m.get("headline", True)]
+    return [Metric(key, quality[key], unit, None, label).text() for key, (label, unit) in LEGACY_METRICS.items()
+            if isinstance((quality or {}).get(key), (int, float))]
+
+
+def quality_text(quality: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> str:
+    """The headline quality figures in words: the standard comparison, then the technique's own metrics."""
+    parts = [standard_quality_text(quality or {}), *metric_texts(metrics, quality)]
+    return ", ".join(p for p in parts if p) or "no quality figure"
 
 
 def run_table(result: Any) -> pd.DataFrame:
@@ -81,14 +98,15 @@ def run_table(result: Any) -> pd.DataFrame:
                 tokens_per_s=round(stats["tokens_per_s"], 1),
                 ttft_median_ms=_ms(stats.get("ttft_s")),
                 tpot_median_ms=_ms(stats.get("tpot_s")),
-                roofline_percent=None if stats.get("roofline_fraction") is None
-                else round(100.0 * stats["roofline_fraction"], 2),
+                roofline_percent=None if (result.resources.get(name) or {}).get("roofline_fraction") is None
+                else round(100.0 * result.resources[name]["roofline_fraction"], 2),
             )
+        resources = result.resources.get(name) or {}
         row.update(
             peak_memory_mb=_mb(stats.get("peak_memory_bytes")),
-            model_mb=_mb(stats.get("model_bytes")),
+            model_mb=_mb(resources.get("model_bytes")),
             speedup_95ci="1.00x (reference)" if name == BASELINE else format_speedup(comp),
-            quality="reference" if name == BASELINE else quality_text(result.quality),
+            quality="reference" if name == BASELINE else quality_text(result.quality, result.quality_metrics),
         )
         rows.append(row)
     return pd.DataFrame(rows)
@@ -107,7 +125,7 @@ def run_text(result: Any) -> str:
             lines.append(run_table(result).to_string(index=False))
         comp = result.comparison
         lines.append(f"speedup {format_speedup(comp)} (95% paired bootstrap CI over {comp.get('pairs')} calls); "
-                     f"quality: {quality_text(result.quality)}")
+                     f"quality: {quality_text(result.quality, result.quality_metrics)}")
         if comp.get("median_pair_ci_low") is not None:
             lines.append(f"median call {comp['median_pair_speedup']:.2f}x [{comp['median_pair_ci_low']:.2f}, "
                          f"{comp['median_pair_ci_high']:.2f}] (median of the per-pair ratios: little moved by "
@@ -118,13 +136,14 @@ def run_text(result: Any) -> str:
     return "\n".join(lines)
 
 
-_SHOWN_APART = ("acceptance_by_position", "threshold_curve", "operating_point", "exit_layer_histogram")
+_SHOWN_APART = ("acceptance_by_position", "threshold_curve", "operating_point", "exit_layer_histogram",
+                "quality_details")
 
 
 def technique_lines(result: Any) -> list[str]:
     """What the technique did, in words: acceptance and predicted speedup, exit curves, the rest as key=value."""
     internals = result.internals.get("technique") or {}
-    lines = []
+    lines = [f"{result.spec.technique.name}: {result.report['headline']}"] if result.report.get("headline") else []
     positions = internals.get("acceptance_by_position")
     if positions:
         rates = "  ".join(f"{p['position']}: {p['accepted']}/{p['proposed']}" + (f" ({p['rate']:.0%})" if p["rate"]
@@ -162,7 +181,7 @@ def run_html(result: Any) -> str:
     if result.summary.get("variants"):
         parts.append(run_table(result).to_html(index=False, escape=True))
         parts.append(f"<p>speedup {html.escape(format_speedup(result.comparison))} (95% CI); "
-                     f"{html.escape(quality_text(result.quality))}</p>")
+                     f"{html.escape(quality_text(result.quality, result.quality_metrics))}</p>")
         extra = technique_lines(result)
         if extra:
             parts.append(f"<pre>{html.escape(chr(10).join(extra))}</pre>")

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from workbench.errors import WorkbenchError
-from workbench.store import JSON_COLUMNS, RUN_COLUMNS, Store, to_json
+from workbench.store import COLUMNS_ADDED, JSON_COLUMNS, RUN_COLUMNS, Store, to_json
 
 BUNDLE_FORMAT = "workbench-runs-bundle"
 BUNDLE_VERSION = 1
@@ -61,11 +61,15 @@ def read_bundle(path: str | Path) -> pd.DataFrame:
     except Exception as exc:
         raise WorkbenchError(f"{str(path)!r} is not a parquet bundle ({type(exc).__name__}): "
                              "create one with `workbench export`") from None
-    missing = [c for c in RUN_COLUMNS if c not in table.column_names]
+    later = {name for names in COLUMNS_ADDED.values() for name in names}  # a bundle from an older workbench
+    missing = [c for c in RUN_COLUMNS if c not in table.column_names and c not in later]
     if missing:
         raise WorkbenchError(f"bundle {str(path)!r} lacks column(s) {', '.join(missing)}: it was not written by "
                              "`workbench export`")
     frame = table.to_pandas()
+    for name in RUN_COLUMNS:
+        if name not in frame.columns:
+            frame[name] = None
     for name in JSON_COLUMNS:
         frame[name] = [None if value is None else json.loads(value) for value in frame[name]]
     return frame

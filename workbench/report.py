@@ -216,7 +216,8 @@ def results_table(runs: pd.DataFrame, budget: str = "accuracy<=1") -> pd.DataFra
     table = features.run_features(runs) if not runs.empty else pd.DataFrame()
     if table.empty:
         return pd.DataFrame(columns=columns)
-    extra = runs[["run_id", "speedup", "speedup_ci_low", "speedup_ci_high", "quality", "device", "technique"]]
+    extra = runs[["run_id", "speedup", "speedup_ci_low", "speedup_ci_high", "quality", "quality_metrics", "device",
+                  "technique"]]
     table = table.drop(columns=[c for c in ("device", "technique") if c in table.columns]).merge(extra, on="run_id")
     parsed = Budget.parse(budget)
     rows = []
@@ -233,7 +234,7 @@ def results_table(runs: pd.DataFrame, budget: str = "accuracy<=1") -> pd.DataFra
                    verdict="faster" if low > 1.0 else "slower" if high < 1.0 else "no clear difference",
                    quality_loss_points=loss, lossless=lossless,
                    within_budget=parsed.allows(lossless, loss if math.isfinite(loss) else 0.0),
-                   quality=quality_text(group["quality"].iloc[-1] or {}))
+                   quality=quality_text(group["quality"].iloc[-1] or {}, group["quality_metrics"].iloc[-1]))
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
 

@@ -1,9 +1,12 @@
-"""Execute RunSpecs: validate, load, measure side by side, judge quality, store.
+"""Execute RunSpecs: plan (no weights), build the trial, measure side by side, judge quality, report.
 
-:func:`plan` checks everything that can be checked cheaply (technique name and parameters, workload
-file, model location and kind, applicability) and raises a one-line :class:`WorkbenchError` before any
-weight is loaded. :func:`execute` runs one planned spec; any exception from then on becomes a stored
-*failed* run with its reason, never a lost one. :func:`run_sweep` runs many and goes on after failures.
+:func:`plan` checks everything that can be checked from files (technique name and parameters, workload
+file, model location, kind, weights format, and the technique's own :meth:`~Technique.check` on the
+model *facts*) and raises a one-line :class:`WorkbenchError` before any weight is loaded; a
+:class:`NotApplicableError` from it means "valid, but cannot apply here" (exit 2 for ``workbench run``,
+a *skipped* row in a sweep). :func:`execute` runs one :class:`Plan`; any exception from then on becomes a
+stored *failed* run with its reason, never a lost one. Many runs go through :func:`workbench.sweep.run_sweep`,
+each in its own worker, which receives the plan (:meth:`Plan.to_dict`) instead of planning again.
 
 Example:
     >>> from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
@@ -16,9 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import datetime as dt
 import traceback
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -26,12 +29,14 @@ from typing import Any
 from workbench import __version__, quality
 from workbench.errors import NotApplicableError
 from workbench.measure import BASELINE, CallOutput, run_interleaved, summarize_samples
-from workbench.models.loading import LoadedModel, detect_kind, load_model, resolve_location
+from workbench.models.facts import ModelFacts, read_facts
+from workbench.models.loading import LoadedModel, load_model
 from workbench.specs import RunSpec
 from workbench.techniques import get as get_technique
-from workbench.techniques.base import Technique
+from workbench.techniques.base import Facts, Outcome, Technique, TechniqueReport, Trial
 from workbench.techniques.baseline import Baseline
-from workbench.workloads import Workload, check_compatible, load_workload, make_batches
+from workbench.workloads import Workload, check_compatible, load_calibration, load_workload, make_batches
+from workbench.workloads import CALIBRATION_SEED_OFFSET
 
 
 @dataclass
@@ -40,8 +45,25 @@ class Plan:
 
     spec: RunSpec
     technique: Technique
-    workload: Workload
-    kind: str
+    workload: Workload  # the timed inputs
+    calibration: Workload  # a disjoint split for techniques that train or calibrate
+    facts: Facts  # what the model files say
+
+    @property
+    def kind(self) -> str:
+        return self.facts.model.kind
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: what a worker needs to execute without planning again."""
+        return {"spec": self.spec.to_dict(), "facts": self.facts.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """The plan a parent made; rebuilds the technique object and the inputs (cheap), reads no model file."""
+        spec = RunSpec.from_dict(data["spec"])
+        workload = load_workload(spec.workload)
+        return cls(spec, get_technique(spec.technique.name)(**spec.technique.param_dict), workload,
+                   load_calibration(spec.workload, workload), Facts.from_dict(data["facts"]))
 
 
 @dataclass
@@ -49,14 +71,20 @@ class RunResult:
     """Everything one run measured: a stored row's worth of data, plus display helpers."""
 
     spec: RunSpec
-    status: str  # "ok" or "failed"
+    status: str  # "ok", "failed" or "skipped"
     failure_reason: str | None = None  # one line; the traceback tail is kept in internals["error"]
-    summary: dict[str, Any] = field(default_factory=dict)  # statistics from measure.summarize_samples
+    summary: dict[str, Any] = field(default_factory=dict)  # measure.summarize_samples of the raw samples (pure)
     samples: dict[str, dict[str, list]] = field(default_factory=dict)  # raw samples per variant
-    quality: dict[str, Any] = field(default_factory=dict)  # quality.compare(...) of technique vs baseline
+    quality: dict[str, Any] = field(default_factory=dict)  # standard comparison + the technique's metrics by name
     internals: dict[str, Any] = field(default_factory=dict)  # technique internals, model descriptors
     outputs: list[dict[str, Any]] = field(default_factory=list)  # per input: input, baseline, technique
     environment: dict[str, Any] = field(default_factory=dict)  # environment.fingerprint()
+    report: dict[str, Any] = field(default_factory=dict)  # TechniqueReport.to_dict() (empty before measuring)
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> model_bytes,
+    # bytes_read_per_token, roofline_fraction
+    model_name: str | None = None  # canonical identity of the model (see models.facts); default spec.model.name
+    model_digest: str | None = None  # content digest of the model files
+    draft_name: str | None = None  # canonical identity of the draft
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -65,10 +93,17 @@ class RunResult:
         """Speedup, its interval and verdict (empty for a run that failed before measuring)."""
         return self.summary.get("comparison", {})
 
+    @property
+    def quality_metrics(self) -> list[dict[str, Any]]:
+        """The technique's quality figures, each with name, value, unit and direction."""
+        return list(self.report.get("quality") or [])
+
     def to_row(self) -> dict[str, Any]:
         """The flat store row (see :mod:`workbench.store`)."""
         spec = self.spec
         comp = self.comparison
+        report = self.report
+        draft = spec.technique.draft
         return {
             "run_id": self.run_id,
             "spec_key": spec.key(),
@@ -76,10 +111,11 @@ class RunResult:
             "workbench_version": __version__,
             "status": self.status,
             "failure_reason": self.failure_reason,
-            "model": spec.model.name,
+            "model": self.model_name or spec.model.name,
+            "model_digest": self.model_digest,
             "workload": spec.workload.name,
             "technique": spec.technique.name,
-            "draft": spec.technique.draft.name if spec.technique.draft else None,
+            "draft": (self.draft_name or draft.name) if draft else None,
             "params": spec.technique.param_dict,
             "device": spec.device,
             "dtype": spec.dtype,
@@ -98,10 +134,44 @@ class RunResult:
             "speedup_ci_low": comp.get("ci_low"),
             "speedup_ci_high": comp.get("ci_high"),
             "significant": comp.get("significant"),
+            "lossless": report.get("lossless"),
+            "model_bytes": report.get("model_bytes"),
+            "bytes_read_per_token": report.get("bytes_read_per_token"),
+            "headline": report.get("headline") or None,
+            "quality_metrics": report.get("quality") if report else None,
+            "technique_features": report.get("features") if report else None,
+            "resources": self.resources or None,
         }
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RunResult:
+        """A result from a store row (as a worker sends it or ``Store.get`` returns it).
+
+        Rows stored before the typed report existed (schema < 3) keep their figures: model bytes and
+        the roofline were then kept in the summary's variants, and are read from there.
+        """
+        created = row.get("created_at")
+        if isinstance(created, str):
+            created = dt.datetime.fromisoformat(created)
+        summary = row.get("summary") or {}
+        report = {key: row.get(key) for key in ("lossless", "model_bytes", "bytes_read_per_token", "headline")}
+        report["quality"] = row.get("quality_metrics") or []
+        report["features"] = row.get("technique_features") or {}
+        report["internals"] = (row.get("internals") or {}).get("technique") or {}
+        resources = row.get("resources") or {
+            name: {key: stats[key] for key in ("model_bytes", "bytes_read_per_token", "roofline_fraction")
+                   if key in stats} for name, stats in (summary.get("variants") or {}).items()}
+        extra = {"created_at": created} if created is not None else {}
+        return cls(spec=RunSpec.from_dict(row["spec"]), status=row["status"],
+                   failure_reason=row.get("failure_reason"), summary=summary,
+                   samples=row.get("samples") or {}, quality=row.get("quality") or {},
+                   internals=row.get("internals") or {}, outputs=row.get("outputs") or [],
+                   environment=row.get("environment") or {}, report=report, resources=resources,
+                   model_name=row.get("model"), model_digest=row.get("model_digest"), draft_name=row.get("draft"),
+                   run_id=row["run_id"], **extra)
+
     def to_json(self) -> dict[str, Any]:
-        """One JSON-ready object: spec, statistics of both variants, speedup, quality, internals, outputs."""
+        """One JSON-ready object: spec, statistics of both variants, speedup, quality, report, outputs."""
         row = self.to_row()
         row["created_at"] = self.created_at.isoformat()
         return row
@@ -118,27 +188,40 @@ class RunResult:
         return run_html(self)
 
 
+def skipped_result(spec: RunSpec, reason: str, environment: dict[str, Any]) -> RunResult:
+    """The stored form of a run that cannot apply here: status skipped, with the reason."""
+    from workbench.models.facts import canonical_name
+
+    draft = spec.technique.draft
+    return RunResult(spec=spec, status="skipped", failure_reason=reason, environment=environment,
+                     model_name=canonical_name(spec.model), draft_name=canonical_name(draft) if draft else None)
+
+
 def plan(spec: RunSpec) -> Plan:
-    """Validate a spec without loading weights; raises a one-line WorkbenchError on bad input."""
+    """Validate a spec without loading weights; raises a one-line WorkbenchError on bad input.
+
+    Raises:
+        NotApplicableError: the spec is valid but cannot run here (the technique refuses these model
+            facts, pickle-only weights, a GPU device on a machine without one).
+        WorkbenchError: anything else the user must fix (unknown model, technique or parameter, bad workload).
+    """
     # 1. The technique exists and its parameters are valid.
     technique = get_technique(spec.technique.name)(**spec.technique.param_dict)
-    # 2. The workload file parses (line numbers on bad lines).
+    # 2. The workload parses (line numbers on bad lines), and its calibration split.
     workload = load_workload(spec.workload)
-    # 3. The model (and draft) can be found, and the kinds fit.
-    location = resolve_location(spec.model)
-    kind = detect_kind(location)
-    check_compatible(workload, kind)
-    reason = technique.why_not(kind, spec)
-    if reason:
-        raise NotApplicableError(reason)
-    draft_location = None
-    if spec.technique.draft is not None:
-        if not technique.needs_draft:
-            raise NotApplicableError(f"technique {technique.name!r} takes no draft model: drop --draft")
-        draft_location = resolve_location(spec.technique.draft)
-        detect_kind(draft_location)
-    # 4. What the files alone can tell (tokenizers, sizes, layer counts), still before any weight loads.
-    reason = technique.why_not_located(location, draft_location)
+    calibration = load_calibration(spec.workload, workload)
+    # 3. The model (and draft) files: found, of a kind the workload fits, safe to load.
+    model = read_facts(spec.model)
+    check_compatible(workload, model.kind)
+    draft = read_facts(spec.technique.draft) if spec.technique.draft is not None else None
+    for facts, model_spec in ((model, spec.model), (draft, spec.technique.draft)):
+        if facts is not None and facts.weights == "pickle" and not model_spec.allow_pickle:
+            raise NotApplicableError(
+                f"model {model_spec.name!r} ships only pickle-based weights, which can run code when loaded: "
+                "convert it to safetensors, or opt in with allow_pickle=True if you trust its source")
+    facts = Facts(model, draft, spec.device, len(calibration.items))
+    # 4. The technique's own verdict on these facts, still before any weight loads.
+    reason = technique.check(facts, spec)
     if reason:
         raise NotApplicableError(reason)
     if spec.device.startswith("cuda"):
@@ -146,7 +229,7 @@ def plan(spec: RunSpec) -> Plan:
 
         if not torch.cuda.is_available():
             raise NotApplicableError(f"device={spec.device!r} but no CUDA GPU is visible here: use --device cpu")
-    return Plan(spec, technique, workload, kind)
+    return Plan(spec, technique, workload, calibration, facts)
 
 
 def execute(plan_: Plan, environment: dict[str, Any] | None = None, progress: bool = True) -> RunResult:
@@ -160,7 +243,9 @@ def execute(plan_: Plan, environment: dict[str, Any] | None = None, progress: bo
         from workbench.environment import fingerprint
 
         environment = fingerprint(device=spec.device.split(":")[0])
-    result = RunResult(spec=spec, status="failed", environment=environment)
+    facts = plan_.facts
+    result = RunResult(spec=spec, status="failed", environment=environment, model_name=facts.model.name,
+                       model_digest=facts.model.digest, draft_name=facts.draft.name if facts.draft else None)
     technique, baseline = plan_.technique, Baseline()
     try:
         _measure(plan_, technique, baseline, result, progress)
@@ -178,25 +263,42 @@ def execute(plan_: Plan, environment: dict[str, Any] | None = None, progress: bo
     return result
 
 
+def build_trial(plan_: Plan, model: LoadedModel | None = None, draft: LoadedModel | None = None) -> Trial:
+    """Load the model (and draft) unless given, and make the timed and calibration batches: what
+    :meth:`Technique.prepare` receives.
+
+    Example:
+        >>> trial = build_trial(plan(spec))  # doctest: +SKIP
+        >>> technique.prepare(trial)  # doctest: +SKIP
+    """
+    spec = plan_.spec
+    if model is None:
+        model = load_model(spec.model, spec.device, spec.dtype)
+    if draft is None and spec.technique.draft is not None:
+        draft = load_model(spec.technique.draft, spec.device, spec.dtype)
+    batches = make_batches(plan_.workload, model, spec.workload)
+    calibration = (make_batches(plan_.calibration, model, spec.workload, seed_offset=CALIBRATION_SEED_OFFSET)
+                   if plan_.calibration.items else [])
+    return Trial(spec=spec, facts=plan_.facts, model=model, draft=draft, workload=plan_.workload,
+                 batches=batches, calibration=calibration)
+
+
 def _measure(plan_: Plan, technique: Technique, baseline: Baseline, result: RunResult, progress: bool) -> None:
     import torch
 
     spec = plan_.spec
-    # 1. Load the model and the draft.
-    model = load_model(spec.model, spec.device, spec.dtype)
-    draft = load_model(spec.technique.draft, spec.device, spec.dtype) if spec.technique.draft else None
-    reason = technique.why_not_loaded(model, draft)
-    if reason:
-        raise NotApplicableError(reason)
+    # 1. The trial: models loaded once, the timed and calibration batches made once.
+    trial = build_trial(plan_)
+    model, batches = trial.model, trial.batches
     result.internals["model_info"] = model.info
-    if draft is not None:
-        result.internals["draft_info"] = draft.info
+    if trial.draft is not None:
+        result.internals["draft_info"] = trial.draft.info
     result.internals["workload_info"] = {"modality": plan_.workload.modality, "inputs": len(plan_.workload.items),
+                                         "calibration_inputs": len(plan_.calibration.items),
                                          "description": plan_.workload.description}
-    # 2. Inputs, and both variants prepared on the same model.
-    batches = make_batches(plan_.workload, model, spec.workload)
-    baseline.prepare(model, spec)
-    technique.prepare(model, spec, draft)
+    # 2. Both variants prepared on the same trial.
+    baseline.prepare(trial)
+    technique.prepare(trial)
     # Baseline against itself is an A/A check of the harness: the second copy gets its own name.
     other = "baseline_again" if spec.technique.name == BASELINE else spec.technique.name
     calls = {BASELINE: lambda i: baseline.run(batches[i]), other: lambda i: technique.run(batches[i])}
@@ -209,49 +311,53 @@ def _measure(plan_: Plan, technique: Technique, baseline: Baseline, result: RunR
     with _progress(total, f"{spec.technique.name} vs baseline", progress) as bar:
         measured = run_interleaved(calls, len(batches), spec.repeats, spec.warmup, spec.device,
                                    before_call=reseed, on_progress=bar.update)
-    # 4. Statistics, quality and internals.
+    # 4. Statistics, then the technique's typed report on the same outputs.
     result.samples = measured.samples
     result.summary = summarize_samples(measured.samples, seed=spec.seed)
     labels = [y for b in batches for y in (b.labels or [])]
-    result.quality = quality.compare(model.kind, measured.outputs[BASELINE], measured.outputs[other], labels)
-    result.quality.update(technique.extra_quality(measured.outputs[BASELINE], measured.outputs[other]))
-    result.internals["technique"] = technique.internals(measured.internals[other])
-    _add_model_bytes(result, model, draft, other)
-    _add_roofline(result, other)
+    standard = quality.compare(model.kind, measured.outputs[BASELINE], measured.outputs[other], labels)
+    report = technique.report(Outcome(per_call=measured.internals[other], baseline_outputs=measured.outputs[BASELINE],
+                                      technique_outputs=measured.outputs[other], standard_quality=standard))
+    if not isinstance(report, TechniqueReport):
+        raise TypeError(f"technique {technique.name!r} report() returned {type(report).__name__}, "
+                        "not a TechniqueReport")
+    result.report = report.to_dict()
+    result.quality = {**standard, **{metric.name: metric.value for metric in report.quality}}
+    result.internals["technique"] = report.internals
+    result.resources = _resources(result, model, trial.draft, report, other)
     result.outputs = _outputs(model, batches, measured.outputs[BASELINE], measured.outputs[other])
     result.status = "ok"
     # 5. A lossless technique whose output differs from the baseline's is a failed run.
-    mismatch = result.quality.get("first_mismatch")
-    if technique.lossless and mismatch is not None:
+    mismatch = standard.get("first_mismatch")
+    if report.lossless and mismatch is not None:
         result.status = "failed"
         result.failure_reason = (f"not lossless: input {mismatch['input']} differs from the baseline's greedy "
                                  f"output at token {mismatch['token']}")
 
 
-def _add_model_bytes(result: RunResult, model: LoadedModel, draft: LoadedModel | None, other: str) -> None:
-    variants = result.summary["variants"]
-    variants[BASELINE]["model_bytes"] = model.info["model_bytes"]
-    reported = result.internals.get("technique", {}).get("model_bytes")
-    variants[other]["model_bytes"] = reported or model.info["model_bytes"] + (draft.info["model_bytes"] if draft else 0)
+def _resources(result: RunResult, model: LoadedModel, draft: LoadedModel | None, report: TechniqueReport,
+               other: str) -> dict[str, dict[str, Any]]:
+    """Model bytes, bytes read per token and the roofline fraction of both variants.
 
-
-def _add_roofline(result: RunResult, other: str) -> None:
-    """How close decoding runs to the memory-bandwidth limit: tokens/s x bytes read per token / bandwidth.
-
-    Batch-1 decoding reads every weight once per forward pass, so the bytes read per token are the
-    model's bytes (or, for a technique that reports it, its own figure, e.g. target plus draft reads
-    over the tokens they produced). 1.0 is the physical limit of this machine's measured bandwidth.
+    Roofline: how close decoding runs to the memory-bandwidth limit, tokens/s x bytes read per token /
+    bandwidth. Batch-1 decoding reads every weight once per forward pass, so the bytes read per token
+    are the model's bytes unless the technique reports its own figure (target plus draft reads over the
+    tokens they produced). 1.0 is the physical limit of this machine's measured bandwidth.
     """
-    bandwidth = result.environment.get("gpu_memory_bandwidth_bytes_per_s") if result.spec.device.startswith("cuda") \
-        else result.environment.get("memory_bandwidth_bytes_per_s")
-    variants = result.summary["variants"]
-    for name, stats in variants.items():
+    base_bytes = model.info["model_bytes"]
+    technique_bytes = report.model_bytes or base_bytes + (draft.info["model_bytes"] if draft else 0)
+    figures = {BASELINE: {"model_bytes": base_bytes, "bytes_read_per_token": base_bytes},
+               other: {"model_bytes": technique_bytes,
+                       "bytes_read_per_token": report.bytes_read_per_token or report.model_bytes or base_bytes}}
+    on_gpu = result.spec.device.startswith("cuda")
+    bandwidth = result.environment.get("gpu_memory_bandwidth_bytes_per_s" if on_gpu else "memory_bandwidth_bytes_per_s")
+    for name, entry in figures.items():
+        stats = result.summary["variants"].get(name, {})
         if not bandwidth or stats.get("tokens_per_s") is None or result.spec.workload.batch_size != 1:
+            entry.pop("bytes_read_per_token")
             continue
-        per_token = result.internals.get("technique", {}).get("bytes_read_per_token") if name == other else None
-        per_token = per_token or result.internals["model_info"]["model_bytes"]
-        stats["bytes_read_per_token"] = per_token
-        stats["roofline_fraction"] = stats["tokens_per_s"] * per_token / bandwidth
+        entry["roofline_fraction"] = stats["tokens_per_s"] * entry["bytes_read_per_token"] / bandwidth
+    return figures
 
 
 def _outputs(model: LoadedModel, batches: list, base: list[CallOutput], tech: list[CallOutput]) -> list[dict]:
@@ -280,39 +386,12 @@ def _progress(total: int, description: str, enabled: bool) -> Any:
 
 
 def run(spec: RunSpec, store: Any = None, progress: bool = True) -> RunResult:
-    """Plan, execute and (when a store is given) record one run. Bad input raises before any work."""
+    """Plan, execute and (when a store is given) record one run in this process. Bad input raises before
+    any work; many runs go through :func:`workbench.sweep.run_sweep` (one worker each)."""
     result = execute(plan(spec), progress=progress)
     if store is not None:
         store.append(result.to_row())
     return result
 
 
-def run_sweep(specs: Iterable[RunSpec], store: Any = None, progress: bool = True) -> list[RunResult]:
-    """Run many specs one after another; a failing run is stored as failed and the sweep goes on.
-
-    Every spec is planned first, so bad input (an unknown name, a bad parameter, a missing file) stops
-    the sweep before any long work starts. A spec that is valid but cannot run here (a GPU-only
-    variant on CPU, a library not installed) is kept as a *skipped* run with its reason, not crashed on.
-    """
-    from tqdm.auto import tqdm
-
-    from workbench.environment import fingerprint
-
-    planned: list[Plan | RunResult] = []
-    environments: dict[str, dict[str, Any]] = {}  # one fingerprint per device kind, not per skipped spec
-    for spec in specs:
-        try:
-            planned.append(plan(spec))
-        except NotApplicableError as exc:
-            device = spec.device.split(":")[0]
-            if device not in environments:
-                environments[device] = fingerprint(device=device)
-            planned.append(RunResult(spec=spec, status="skipped", failure_reason=str(exc),
-                                     environment=environments[device]))
-    results = []
-    for item in tqdm(planned, desc="sweep", unit="run", disable=not progress):
-        result = item if isinstance(item, RunResult) else execute(item, progress=progress)
-        if store is not None:
-            store.append(result.to_row())
-        results.append(result)
-    return results
+__all__ = ["ModelFacts", "Plan", "RunResult", "build_trial", "execute", "plan", "run", "skipped_result"]

@@ -38,7 +38,9 @@ from sqlalchemy.engine import URL, Engine, make_url
 from workbench import __version__, paths
 from workbench.errors import WorkbenchError
 
-SCHEMA_VERSION = 2  # 1: first release; 2: index on (spec_key, status) for resuming sweeps
+SCHEMA_VERSION = 3  # 1: first release; 2: index on (spec_key, status) for resuming sweeps;
+# 3: the typed technique report as columns (lossless, bytes, quality metrics, features, headline), the
+# per-variant resources and the model's content digest
 
 #: Seconds to wait for a database server before giving up (the store never hangs a scheduled job).
 CONNECT_TIMEOUT_S = 5
@@ -132,6 +134,15 @@ runs_table = sa.Table(
     sa.Column("speedup_ci_low", sa.Float, nullable=True),
     sa.Column("speedup_ci_high", sa.Float, nullable=True),
     sa.Column("significant", sa.Boolean, nullable=True),  # CI excludes 1.0
+    # schema 3: the technique's typed report (TechniqueReport), one field a column
+    sa.Column("model_digest", sa.String(64), nullable=True),  # content digest of the model files
+    sa.Column("lossless", sa.Boolean, nullable=True),  # outputs promised identical to the baseline's
+    sa.Column("model_bytes", sa.BigInteger, nullable=True),  # bytes of the weights the technique used
+    sa.Column("bytes_read_per_token", sa.Float, nullable=True),  # weight bytes read per generated token
+    sa.Column("headline", sa.Text, nullable=True),  # the technique's one-line summary
+    sa.Column("quality_metrics", sa.Text, nullable=True),  # JSON: [{name, value, unit, higher_is_better ...}]
+    sa.Column("technique_features", sa.Text, nullable=True),  # JSON: the technique's meta-learner features
+    sa.Column("resources", sa.Text, nullable=True),  # JSON: variant -> model_bytes, roofline_fraction ...
     sa.Index("ix_runs_model_created_at", "model", "created_at"),
     sa.Index("ix_runs_spec_key_status", "spec_key", "status"),  # schema 2: resume lookups
 )
@@ -140,8 +151,14 @@ runs_table = sa.Table(
 RUN_COLUMNS: tuple[str, ...] = tuple(runs_table.c.keys())
 #: Columns holding JSON text, parsed back into Python objects when read.
 JSON_COLUMNS: frozenset[str] = frozenset(
-    {"params", "environment", "spec", "summary", "samples", "quality", "internals", "outputs"}
+    {"params", "environment", "spec", "summary", "samples", "quality", "internals", "outputs", "quality_metrics",
+     "technique_features", "resources"}
 )
+#: Columns added by each schema version (a store of an older version lacks them until it is migrated).
+COLUMNS_ADDED: dict[int, tuple[str, ...]] = {
+    3: ("model_digest", "lossless", "model_bytes", "bytes_read_per_token", "headline", "quality_metrics",
+        "technique_features", "resources"),
+}
 #: Keys every appended row must have.
 REQUIRED_KEYS: tuple[str, ...] = (
     "spec_key", "status", "model", "workload", "technique", "device", "dtype", "seed", "repeats",
@@ -149,8 +166,9 @@ REQUIRED_KEYS: tuple[str, ...] = (
 )
 #: Values of the ``status`` column.
 STATUSES: tuple[str, ...] = ("ok", "failed", "skipped")  # skipped: not applicable here (reason kept)
-_INT_COLUMNS = ("seed", "repeats", "warmup", "schema_version")
-_FLOAT_COLUMNS = ("speedup", "speedup_ci_low", "speedup_ci_high")
+_INT_COLUMNS = ("seed", "repeats", "warmup", "schema_version", "model_bytes")
+_FLOAT_COLUMNS = ("speedup", "speedup_ci_low", "speedup_ci_high", "bytes_read_per_token")
+_BOOL_COLUMNS = ("significant", "lossless")
 _STR_COLUMNS = {  # plain string columns and their length limits (JSON columns are Text)
     c.name: c.type.length
     for c in runs_table.c
@@ -549,7 +567,7 @@ def _check_or_create_schema_once(engine: Engine, url: URL, last_attempt: bool) -
                     f"store {_safe_url(url)!r} has schema version {version}, newer than this workbench "
                     f"({__version__}, schema {SCHEMA_VERSION}); upgrade workbench: pip install -U workbench"
                 )
-            _check_runs_columns(engine, url)
+            _check_runs_columns(engine, url, version)
             if version < SCHEMA_VERSION:
                 _migrate(engine, url, version, last_attempt)
             return
@@ -573,9 +591,20 @@ def _add_spec_key_status_index(conn: sa.Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_runs_spec_key_status ON runs (spec_key, status)")
 
 
+def _add_report_columns(conn: sa.Connection) -> None:
+    """Schema 2 -> 3: the typed technique report's columns; older rows keep NULL there (their figures
+    stay where they were: model bytes and roofline in the summary, quality in the quality column)."""
+    present = {c["name"] for c in sa.inspect(conn).get_columns(runs_table.name)}
+    for name in COLUMNS_ADDED[3]:
+        if name not in present:
+            column = runs_table.c[name]
+            type_sql = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE runs ADD COLUMN {name} {type_sql}")
+
+
 #: Forward migrations: ``_MIGRATIONS[v]`` upgrades a store from schema ``v`` to ``v + 1``. Each one is
 #: idempotent (two processes may run it at once) and runs in the same transaction as the version bump.
-_MIGRATIONS: dict[int, Any] = {1: _add_spec_key_status_index}
+_MIGRATIONS: dict[int, Any] = {1: _add_spec_key_status_index, 2: _add_report_columns}
 
 
 def _migrate(engine: Engine, url: URL, version: int, last_attempt: bool) -> None:
@@ -634,9 +663,10 @@ def _stored_schema_version(conn: sa.Connection, url: URL) -> int | None:
         ) from None
 
 
-def _check_runs_columns(engine: Engine, url: URL) -> None:
+def _check_runs_columns(engine: Engine, url: URL, version: int = SCHEMA_VERSION) -> None:
     present = {c["name"] for c in sa.inspect(engine).get_columns(runs_table.name)}
-    missing = [name for name in RUN_COLUMNS if name not in present]
+    later = {name for v, names in COLUMNS_ADDED.items() if v > version for name in names}
+    missing = [name for name in RUN_COLUMNS if name not in present and name not in later]
     if missing:
         raise StoreError(
             f"store {_safe_url(url)!r} lacks the runs column(s) {', '.join(missing)}; the store is "
@@ -684,11 +714,11 @@ def _prepare_row(row: Mapping[str, Any], index: int) -> dict[str, Any]:
         record[name] = _as_int(record[name], name, index)
     for name in _FLOAT_COLUMNS:
         record[name] = _as_float(record[name], name, index)
-    if record["significant"] is not None:
-        if str(record["significant"]) not in ("True", "False"):  # bool and numpy.bool_
-            bad = record["significant"]
-            raise StoreError(f"row {index} has significant={bad!r}; use True, False or None")
-        record["significant"] = bool(record["significant"])
+    for name in _BOOL_COLUMNS:
+        if record[name] is not None:
+            if str(record[name]) not in ("True", "False"):  # bool and numpy.bool_
+                raise StoreError(f"row {index} has {name}={record[name]!r}; use True, False or None")
+            record[name] = bool(record[name])
     for name, length in _STR_COLUMNS.items():
         value = record[name]
         if value is None:
@@ -885,7 +915,7 @@ def _frame(rows: Sequence[Any], names: list[str]) -> pd.DataFrame:
             frame[name] = _utc_series(values)
         elif name in _FLOAT_COLUMNS:
             frame[name] = pd.Series(values, dtype="float64").astype("float64")
-        elif name == "significant":
+        elif name in _BOOL_COLUMNS:
             frame[name] = pd.Series(values, dtype="boolean")
         elif not values:  # an empty frame still gets the dtypes a full one would have
             frame[name] = pd.Series([], dtype="int64" if name in _INT_COLUMNS else "str")

@@ -98,6 +98,7 @@ class PlannedRun:
     index: int  # position in the sweep
     spec: RunSpec  # what to run
     skip_reason: str | None = None  # why it cannot run here (stored as a skipped run), or None
+    plan: Any = None  # the runner.Plan the worker receives (None when skipped)
 
 
 @dataclass
@@ -406,7 +407,7 @@ class _Checker:
             cls = registry.get(entry["name"])
         except WorkbenchError as err:
             raise self.error(items, i, f"{path}: {err}") from None
-        if draft is not None and not cls.needs_draft:
+        if draft is not None and not cls.takes_draft:
             raise self.error(items, i, f"{path}: technique {cls.name!r} takes no draft model: drop `draft:`")
         names = list(grid)
         specs = []
@@ -486,8 +487,7 @@ def plan_sweep(sweep: Sweep) -> list[PlannedRun]:
     planned = []
     for index, (spec, origin) in enumerate(zip(sweep.specs, sweep.origins)):
         try:
-            runner.plan(spec)
-            planned.append(PlannedRun(index, spec))
+            planned.append(PlannedRun(index, spec, plan=runner.plan(spec)))
         except NotApplicableError as err:
             planned.append(PlannedRun(index, spec, skip_reason=str(err)))
         except WorkbenchError as err:
@@ -531,12 +531,25 @@ def done_keys(store: Any, specs: list[RunSpec]) -> set[str]:
     return done
 
 
-def run_sweep(sweep: Sweep, store: Any, resume: bool = False, limits: WorkerLimits | None = None,
+def sweep_of(specs: list[RunSpec], name: str | None = None, timeout_per_run_s: float = DEFAULT_TIMEOUT_PER_RUN_S,
+             max_memory_gb: float | None = None) -> Sweep:
+    """A sweep of specs built in code (a script, a test): the same path a sweep file takes.
+
+    Example:
+        >>> sweep_of([RunSpec(ModelSpec("zoo:code-target"), WorkloadSpec("code-prompts"),
+        ...                   TechniqueSpec("baseline"))]).origins
+        ['specs[0]']
+    """
+    return Sweep(source=name or "<specs>", specs=list(specs), origins=[f"specs[{i}]" for i in range(len(specs))],
+                 name=name, timeout_per_run_s=timeout_per_run_s, max_memory_gb=max_memory_gb)
+
+
+def run_sweep(sweep: Sweep | list[RunSpec], store: Any, resume: bool = False, limits: WorkerLimits | None = None,
               progress: bool = True, planned: list[PlannedRun] | None = None) -> SweepOutcome:
     """Run every planned run in its own worker and store each row as soon as it arrives.
 
     Args:
-        sweep: from :func:`read_sweep` / :func:`parse_sweep`.
+        sweep: from :func:`read_sweep` / :func:`parse_sweep`, or a list of specs (see :func:`sweep_of`).
         store: a :class:`workbench.store.Store`; rows are written by this process only.
         resume: skip runs already stored as ok (and those stored as skipped on this machine).
         limits: timeout and memory cap per worker; default: the sweep file's values.
@@ -550,9 +563,11 @@ def run_sweep(sweep: Sweep, store: Any, resume: bool = False, limits: WorkerLimi
     from tqdm.auto import tqdm
 
     from workbench.environment import fingerprint
-    from workbench.runner import RunResult
+    from workbench.runner import skipped_result
 
     started = time.perf_counter()
+    if not isinstance(sweep, Sweep):
+        sweep = sweep_of(list(sweep))
     # 1. Plan all (bad input stops here), then drop what the store already has.
     planned = plan_sweep(sweep) if planned is None else planned
     limits = limits or WorkerLimits(sweep.timeout_per_run_s, sweep.max_memory_gb)
@@ -574,10 +589,9 @@ def run_sweep(sweep: Sweep, store: Any, resume: bool = False, limits: WorkerLimi
         for item in todo:
             bar.set_description(f"sweep: run {item.index}")
             if item.skip_reason is not None:
-                row = RunResult(spec=item.spec, status="skipped", failure_reason=item.skip_reason,
-                                environment=environment(item.spec)).to_row()
+                row = skipped_result(item.spec, item.skip_reason, environment(item.spec)).to_row()
             else:
-                row = run_isolated(item.spec, limits, index=item.index, environment=environment(item.spec))
+                row = run_isolated(item.plan, limits, index=item.index, environment=environment(item.spec))
             outcome.run_ids.append(store.append(row))
             status = row["status"]
             setattr(outcome, status, getattr(outcome, status) + 1)

@@ -1,7 +1,8 @@
 """Run one trial in its own worker process, so a crash, a hang or a memory blow-up costs one run only.
 
 The worker is started with multiprocessing's *spawn* context (a fresh interpreter, never a fork of the
-parent), plans and executes one :class:`~workbench.specs.RunSpec` and sends the finished store row back
+parent), receives the parent's :class:`~workbench.runner.Plan` as JSON (it never plans again: the model
+files were read and the technique's check passed in the parent), executes it and sends the finished store row back
 through a pipe as JSON text; the parent writes it to the store. Whatever happens to the worker, the
 parent gets a row: a timeout, a signal (segfault, abort, the kernel's OOM killer), an exception or a
 memory limit all become a *failed* run with a one-line reason, e.g. ``worker killed by signal SIGSEGV``
@@ -24,9 +25,10 @@ after the worker has imported and planned, right before measuring. Never set it 
 
 Example:
     >>> from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
+    >>> from workbench.runner import plan
     >>> spec = RunSpec(ModelSpec("zoo:code-classifier"), WorkloadSpec("code-snippets", max_items=4),
     ...                TechniqueSpec("quantization"), repeats=1)
-    >>> row = run_isolated(spec, WorkerLimits(timeout_s=120))  # doctest: +SKIP
+    >>> row = run_isolated(plan(spec), WorkerLimits(timeout_s=120))  # doctest: +SKIP
     >>> row["status"], row["internals"]["worker"]["startup_s"]  # doctest: +SKIP
     ('ok', 3.1)
 """
@@ -38,10 +40,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
 from workbench.specs import RunSpec, SpecError
+
+if TYPE_CHECKING:
+    from workbench.runner import Plan
 
 FAULT_ENV = "WORKBENCH_FAULT_INJECT"
 FAULT_KINDS = ("segfault", "abort", "hang", "exception", "oom", "exit")
@@ -77,15 +82,15 @@ class WorkerLimits:
         return None if self.max_memory_gb is None else int(self.max_memory_gb * 2**30)
 
 
-def run_isolated(spec: RunSpec, limits: WorkerLimits = WorkerLimits(), index: int = 0,
+def run_isolated(plan_: Plan, limits: WorkerLimits = WorkerLimits(), index: int = 0,
                  environment: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run ``spec`` in a fresh spawned process and return its store row (JSON-safe dict).
+    """Run a planned spec in a fresh spawned process and return its store row (JSON-safe dict).
 
     Never raises for what happens inside the worker; a ``KeyboardInterrupt`` in the parent kills the
     worker and is re-raised (the unfinished run is not returned, so it is never stored as ok).
 
     Args:
-        spec: a spec that :func:`workbench.runner.plan` accepts.
+        plan_: from :func:`workbench.runner.plan` (sent to the worker as JSON).
         limits: timeout and memory cap.
         index: the run's position in its sweep (used only by ``WORKBENCH_FAULT_INJECT``).
         environment: the fingerprint to store with a run whose worker died without reporting one.
@@ -98,7 +103,7 @@ def run_isolated(spec: RunSpec, limits: WorkerLimits = WorkerLimits(), index: in
     started = time.perf_counter()
     process = context.Process(
         target=_worker_main, name=f"workbench-run-{index}", daemon=True,
-        args=(json.dumps(spec.to_dict()), index, limits.max_memory_bytes, time.time(), sender),
+        args=(json.dumps(plan_.to_dict()), index, limits.max_memory_bytes, time.time(), sender),
     )
     try:
         process.start()
@@ -121,7 +126,7 @@ def run_isolated(spec: RunSpec, limits: WorkerLimits = WorkerLimits(), index: in
             row = json.loads(message.decode("utf-8"))
             row.setdefault("internals", {}).setdefault("worker", {})["wall_s"] = wall_s
             return row
-        return _failed_row(spec, reason or _death_reason(process.exitcode, limits), environment,
+        return _failed_row(plan_, reason or _death_reason(process.exitcode, limits), environment,
                            {"exitcode": process.exitcode, "wall_s": wall_s})
     except BaseException:  # KeyboardInterrupt included: never leave a worker behind
         if process.is_alive():
@@ -156,14 +161,21 @@ def _death_reason(exitcode: int | None, limits: WorkerLimits) -> str:
     return f"worker exited with code {exitcode} without reporting a result"
 
 
-def _failed_row(spec: RunSpec, reason: str, environment: dict[str, Any] | None,
+def _failed_row(plan_: Plan, reason: str, environment: dict[str, Any] | None,
                 worker: dict[str, Any]) -> dict[str, Any]:
-    from workbench.runner import RunResult
     from workbench.store import json_safe
 
-    result = RunResult(spec=spec, status="failed", failure_reason=reason, environment=environment or {},
-                       internals={"worker": worker})
-    return json_safe(result.to_row())
+    return json_safe(_failed_result(plan_.spec, plan_.to_dict()["facts"], reason, environment, worker).to_row())
+
+
+def _failed_result(spec: RunSpec, facts: dict[str, Any], reason: str, environment: dict[str, Any] | None,
+                   worker: dict[str, Any]) -> Any:
+    from workbench.runner import RunResult
+
+    draft = facts.get("draft") or {}
+    return RunResult(spec=spec, status="failed", failure_reason=reason, environment=environment or {},
+                     internals={"worker": worker}, model_name=facts["model"]["name"],
+                     model_digest=facts["model"]["digest"], draft_name=draft.get("name"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,9 +183,9 @@ def _failed_row(spec: RunSpec, reason: str, environment: dict[str, Any] | None,
 # ----------------------------------------------------------------------------------------------------
 
 
-def _worker_main(spec_json: str, index: int, max_memory_bytes: int | None, parent_started_at: float,
+def _worker_main(plan_json: str, index: int, max_memory_bytes: int | None, parent_started_at: float,
                  sender: Any) -> None:
-    """The worker's entry point: limits, imports, plan, (fault), execute, send the row as JSON text."""
+    """The worker's entry point: limits, imports, the parent's plan, (fault), execute, send the row as JSON."""
     # 1. Ctrl-C reaches the whole terminal process group: the parent decides, the worker ignores it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_parent(os.getppid())
@@ -183,17 +195,18 @@ def _worker_main(spec_json: str, index: int, max_memory_bytes: int | None, paren
         resource.setrlimit(resource.RLIMIT_AS, (max_memory_bytes, max_memory_bytes))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    spec = RunSpec.from_dict(json.loads(spec_json))
+    plan_data = json.loads(plan_json)
+    spec = RunSpec.from_dict(plan_data["spec"])
     row: dict[str, Any]
     try:
-        # 2. Imports (the bulk of the start-up cost), then the same plan the parent made.
+        # 2. Imports (the bulk of the start-up cost), then the plan the parent made (not planned again).
         import transformers
 
         from workbench import runner
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        planned = runner.plan(spec)
+        planned = runner.Plan.from_dict(plan_data)
         startup_s = time.time() - parent_started_at
         sender.send_bytes(_READY)
         # 3. The testing aid, then the run itself (execute turns exceptions into a failed result).
@@ -204,16 +217,13 @@ def _worker_main(spec_json: str, index: int, max_memory_bytes: int | None, paren
         result.internals["worker"] = {"pid": os.getpid(), "startup_s": startup_s}
         row = result.to_row()
     except BaseException as exc:  # an import, plan or injected failure still reports a row
-        from workbench.runner import RunResult
-
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         if isinstance(exc, MemoryError) or _is_memory_error(text, {}):
             text = _memory_reason(max_memory_bytes, text)
         elif not isinstance(exc, WorkbenchError):
             text = f"worker raised {text}"
-        row = RunResult(spec=spec, status="failed", failure_reason=text[:500],
-                        internals={"worker": {"pid": os.getpid()}}).to_row()
+        row = _failed_result(spec, plan_data["facts"], text[:500], None, {"pid": os.getpid()}).to_row()
     # 4. Send the row as JSON text (never a pickle of stored values).
     from workbench.store import to_json
 
@@ -309,18 +319,19 @@ class IsolatedRun:
     ``"starting"`` (spawn, imports, plan), ``"running"`` (measuring), then ``"done"``.
 
     Example:
-        >>> job = IsolatedRun(spec, WorkerLimits(timeout_s=120))  # doctest: +SKIP
+        >>> job = IsolatedRun(plan(spec), WorkerLimits(timeout_s=120))  # doctest: +SKIP
         >>> while (row := job.poll()) is None:  # doctest: +SKIP
         ...     time.sleep(0.2)
         >>> row["status"]  # doctest: +SKIP
         'ok'
     """
 
-    def __init__(self, spec: RunSpec, limits: WorkerLimits = WorkerLimits(), index: int = 0,
+    def __init__(self, plan_: Plan, limits: WorkerLimits = WorkerLimits(), index: int = 0,
                  environment: dict[str, Any] | None = None) -> None:
         import multiprocessing
 
-        self.spec, self.limits, self.index, self.environment = spec, limits, index, environment
+        self.plan, self.spec = plan_, plan_.spec
+        self.limits, self.index, self.environment = limits, index, environment
         self.phase = "starting"  # "starting", "running" or "done"
         self.started_at_s = time.perf_counter()
         self.running_since_s: float | None = None  # perf_counter() when the worker reported ready
@@ -329,7 +340,7 @@ class IsolatedRun:
         self._receiver, sender = context.Pipe(duplex=False)
         self._process = context.Process(
             target=_worker_main, name=f"workbench-run-{index}", daemon=True,
-            args=(json.dumps(spec.to_dict()), index, limits.max_memory_bytes, time.time(), sender))
+            args=(json.dumps(plan_.to_dict()), index, limits.max_memory_bytes, time.time(), sender))
         self._process.start()
         sender.close()
 
@@ -385,7 +396,7 @@ class IsolatedRun:
             self._process.join()
         self._receiver.close()
         if row is None:
-            row = _failed_row(self.spec, reason or "worker ended without a result", self.environment,
+            row = _failed_row(self.plan, reason or "worker ended without a result", self.environment,
                               {"exitcode": self._process.exitcode, "wall_s": self.elapsed_s})
         self.phase, self.row = "done", row
         return row

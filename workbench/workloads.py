@@ -105,6 +105,43 @@ def load_workload(spec: WorkloadSpec) -> Workload:
     return Workload(str(path), modality, items, f"{len(items)} inputs from {path.name}")
 
 
+CALIBRATION_SEED_OFFSET = 50_021  # calibration inputs' seeds start this far from the timed inputs' seeds
+
+
+def load_calibration(spec: WorkloadSpec, timed: Workload) -> Workload:
+    """A calibration split of the same workload that shares no input with ``timed``, as large as it.
+
+    Built-ins draw it from data the timed inputs never use: other held-out prompts (code-prompts),
+    the training files (code-snippets), the same classes with other seeds (digits, whose batches get
+    seeds offset by ``CALIBRATION_SEED_OFFSET``). A JSONL file gives the lines after ``max_items``;
+    when the file has none to spare, the split is empty and a technique that needs one says so.
+    """
+    wanted = len(timed.items)
+    if spec.name == "code-prompts":
+        from workbench import datasets
+
+        taken = {item["prompt"] for item in timed.items}
+        pool = datasets.code_prompts(min(2 * wanted, _prompt_pool_size(spec.seed)), seed=spec.seed)
+        items = [{"prompt": p} for p in pool if p not in taken][:wanted]
+    elif spec.name == "code-snippets":
+        from workbench import datasets
+
+        items = [{"text": t, "label": y} for t, y in datasets.code_snippets("train", n=wanted, seed=spec.seed)]
+    elif spec.name in BUILTIN:
+        items = list(timed.items)  # digits: the same classes; their batches get other seeds
+    else:
+        start = len(timed.items) if spec.max_items is not None else None
+        items = [] if start is None else read_jsonl(Path(spec.name).expanduser())[start:start + wanted]
+    return Workload(timed.name, timed.modality, items, f"calibration split of {timed.name} ({len(items)} inputs, "
+                    "none of them timed)")
+
+
+def _prompt_pool_size(seed: int) -> int:
+    from workbench import datasets
+
+    return len(datasets._prompt_candidates(seed))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Parse a JSONL workload file; each bad line raises with its line number."""
     items: list[dict[str, Any]] = []
@@ -178,13 +215,16 @@ def check_compatible(workload: Workload, kind: str) -> None:
         )
 
 
-def make_batches(workload: Workload, loaded: Any, spec: WorkloadSpec) -> list[Batch]:
-    """Tokenise or arrange the inputs into batches of ``spec.batch_size`` on the model's device."""
+def make_batches(workload: Workload, loaded: Any, spec: WorkloadSpec, seed_offset: int = 0) -> list[Batch]:
+    """Tokenise or arrange the inputs into batches of ``spec.batch_size`` on the model's device.
+
+    Input ``i`` gets the seed ``spec.seed * 100_003 + seed_offset + i`` (diffusion noise, sampling).
+    """
     check_compatible(workload, loaded.kind)
     batches = []
     for start in range(0, len(workload.items), spec.batch_size):
         chunk = workload.items[start : start + spec.batch_size]
-        seeds = [spec.seed * 100_003 + start + i for i in range(len(chunk))]
+        seeds = [spec.seed * 100_003 + seed_offset + start + i for i in range(len(chunk))]
         batches.append(_make_batch(chunk, loaded, seeds))
     return batches
 

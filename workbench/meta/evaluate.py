@@ -42,9 +42,6 @@ GROUPINGS: tuple[str, ...] = ("model", "workload", "machine_id")
 #: arXiv 2410.21340) reports ~0.90 selection accuracy against 0.82 for plain gradient boosting.
 ANCHOR = ("anchor (not measured here): MetaInf, Yang et al. arXiv 2410.21340, reports ~0.90 top-1 selection "
           "accuracy vs 0.82 for plain gradient boosting, on their own data and hardware")
-WIDE_HIDDEN_SIZE = 256  # expert rule: a model this wide is matmul-bound on CPU, where int8 pays
-CHEAP_DRAFT_RATIO = 0.1  # expert rule: speculate when the draft costs <= 1/10 of the target
-REPETITIVE_PROMPTS = 0.2  # expert rule: prompt lookup when this share of 3-grams repeats
 TABLE_COLUMNS = ["grouping", "groups", "contexts", "policy", "top1_accuracy", "top1_within_noise",
                  "speedup_fraction_of_oracle",
                  "mean_regret", "budget_violations", "note"]
@@ -187,31 +184,23 @@ def best_on_average_choice(train: pd.DataFrame, rows: pd.DataFrame, budget: Budg
 
 
 def expert_choice(rows: pd.DataFrame, budget: Budget) -> str:
-    """Hand-written rules of thumb, first match wins (lossy rules skipped under a lossless budget):
-
-    1. prompt lookup when the prompts are repetitive (>= ``REPETITIVE_PROMPTS`` of 3-grams repeat);
-    2. speculate with a draft model when it is >= 10x cheaper than the target;
-    3. quantize to int8 on CPU when the model is wide (hidden size >= ``WIDE_HIDDEN_SIZE``);
-    4. adaptive steps for diffusion, early exit for classifiers;
-    5. otherwise keep the baseline.
+    """Hand-written rules of thumb, each technique's own (``Technique.expert_rules``), tried in priority
+    order; first match wins (lossy rules skipped under a lossless budget); otherwise keep the baseline.
     """
-    def first(mask: pd.Series) -> str | None:
-        hits = rows[mask & (rows["lossless"] | (not budget.lossless))]
-        return str(hits.iloc[0]["configuration"]) if not hits.empty else None
+    from workbench import techniques
 
-    technique = rows["technique"]
-    for mask in (
-        (technique == "speculative") & (rows["prompt_lookup_tokens"] > 0)
-        & (rows["prompt_repeated_3gram_fraction"] >= REPETITIVE_PROMPTS),
-        (technique == "speculative") & rows["draft"].notna() & (rows["draft_cost_ratio"] <= CHEAP_DRAFT_RATIO),
-        (technique == "quantization") & (rows["device"] == "cpu") & (rows["quantization_bits"] == 8)
-        & (rows["model_hidden_size"] >= WIDE_HIDDEN_SIZE),
-        (technique == "adaptive_steps") & (rows["modality"] == "image-generation"),
-        (technique == "early_exit") & (rows["modality"] == "text-classification"),
-    ):
-        choice = first(mask.fillna(False).astype(bool))
-        if choice:
-            return choice
+    rules = sorted(((rule, cls.name) for cls in techniques.registered() for rule in cls.expert_rules()),
+                   key=lambda pair: pair[0].priority)
+    allowed = rows["lossless"] | (not budget.lossless)
+    for rule, name in rules:
+        own = rows["technique"] == name
+        if not bool(own.any()):
+            continue
+        mask = pd.Series(False, index=rows.index)
+        mask[own] = pd.Series(rule.applies(rows[own]), index=rows[own].index).fillna(False).astype(bool)
+        hits = rows[mask & allowed]
+        if not hits.empty:
+            return str(hits.iloc[0]["configuration"])
     return BASELINE_CONFIGURATION
 
 

@@ -175,7 +175,7 @@ def counterfactual(learner: MetaLearner, rows: pd.DataFrame, budget: Budget, cur
     When no change tried flips it, the change that brings the best allowed candidate's lower bound
     closest to the baseline is returned instead, with ``flips`` False and how far it still falls short.
 
-    ``draft_cost_ratio`` is changed for one speculative candidate at a time ("if the draft were 3x
+    ``draft_cost_ratio`` is changed for one drafting candidate at a time ("if the draft were 3x
     cheaper"); the other features for the whole context. Changes are tried smallest first (by
     ``|log(multiplier)|``).
 

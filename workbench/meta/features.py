@@ -2,8 +2,12 @@
 
 Every successful run becomes one row keyed by its *context* (model, workload, machine, device, dtype
 and workload settings: the situation a user asks about) and its *configuration* (technique, draft and
-parameters: the candidate answer, e.g. ``speculative[draft=zoo:code-draft,num_assistant_tokens=4]``).
-Runs repeated in one context with one configuration are pooled by :func:`training_table`.
+parameters: the candidate answer, e.g. ``name[draft=zoo:code-draft,num_assistant_tokens=4]``).
+Runs repeated in one context with one configuration are pooled by :func:`training_table`. A model is
+one identity however it was typed: runs whose model files share a content digest share one name.
+
+The configuration features come from each technique's own ``Technique.features`` (this module knows
+no technique by name); a feature a technique does not set is "not applicable" (NaN, or "none").
 
 ``FEATURES`` is the one documented schema: each feature's name, kind (numeric or categorical), unit,
 where it comes from and whether a user can act on it (counterfactuals only vary actionable ones).
@@ -15,8 +19,8 @@ Example:
     >>> runs = Store("sqlite:///:memory:").runs()
     >>> run_features(runs).empty
     True
-    >>> configuration_id("speculative", {"num_assistant_tokens": 4}, "zoo:code-draft")
-    'speculative[draft=zoo:code-draft,num_assistant_tokens=4]'
+    >>> configuration_id("draft-then-verify", {"num_assistant_tokens": 4}, "zoo:code-draft")
+    'draft-then-verify[draft=zoo:code-draft,num_assistant_tokens=4]'
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -86,15 +89,15 @@ FEATURES: tuple[Feature, ...] = (
     # the candidate configuration
     Feature("technique", "categorical", "configuration", "technique"),
     Feature("configuration", "categorical", "configuration", "configuration_id(technique, params, draft)"),
-    Feature("draft_tokens", "numeric", "configuration", "params.num_assistant_tokens (speculative)"),
-    Feature("prompt_lookup_tokens", "numeric", "configuration", "params.prompt_lookup_num_tokens"),
-    Feature("quantization_bits", "numeric", "configuration", "params.scheme / quantization / draft_quantization"),
-    Feature("exit_threshold", "numeric", "configuration", "params.threshold (early exit)"),
-    Feature("step_policy", "categorical", "configuration", "params.policy (adaptive steps / early exit)"),
+    Feature("draft_tokens", "numeric", "configuration", "Technique.features: tokens drafted per target pass"),
+    Feature("prompt_lookup_tokens", "numeric", "configuration", "Technique.features: tokens per n-gram lookup"),
+    Feature("weight_bits", "numeric", "configuration", "Technique.features: bits per weight of a quantized model"),
+    Feature("exit_threshold", "numeric", "configuration", "Technique.features: confidence threshold of an exit"),
+    Feature("step_policy", "categorical", "configuration", "Technique.features: the policy parameter"),
     # pair descriptors (draft vs target)
     Feature("draft_cost_ratio", "numeric", "pair",
-            "draft parameters / target parameters, or draft_layers / layers for self-speculation "
-            "(a priori cost ratio c; the measured c is an outcome, not a feature)", actionable=True),
+            "Technique.features: a priori cost of drafting relative to the target (parameters, or layers); "
+            "the measured cost ratio c is an outcome, not a feature", actionable=True),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 NUMERIC_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "numeric")
@@ -105,9 +108,7 @@ TARGETS: tuple[str, ...] = ("log_speedup", "quality_loss_points")
 #: Columns beside the features: identity and provenance of each row.
 KEY_COLUMNS: tuple[str, ...] = ("context", "model", "workload", "machine_id", "lossless", "params", "draft",
                                 "draft_parameters", "run_ids")
-
-_QUANT_BITS = {"int8-dynamic": 8, "int8-weight-only": 8, "bnb-int8": 8, "int4-weight-only": 4, "bnb-nf4": 4,
-               "fp16": 16, "bf16": 16}
+_CATEGORY_NOT_APPLICABLE = "none"  # a categorical configuration feature a technique does not set
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -125,8 +126,8 @@ def configuration_id(technique: str, params: Mapping[str, Any] | None = None, dr
     """Canonical name of a candidate: ``technique[draft=...,key=value,...]`` with sorted keys.
 
     Example:
-        >>> configuration_id("quantization", {"scheme": "int8-dynamic"})
-        'quantization[scheme=int8-dynamic]'
+        >>> configuration_id("int8", {"scheme": "int8-dynamic"})
+        'int8[scheme=int8-dynamic]'
         >>> configuration_id("baseline")
         'baseline'
     """
@@ -146,8 +147,9 @@ def _param_text(value: Any) -> str:
 def is_lossless(technique: str, params: Mapping[str, Any] | None = None) -> bool:
     """Whether the technique promises outputs identical to the baseline's (``Technique.lossless``).
 
-    Speculative greedy decoding is lossless; quantization, early exit and adaptive steps are lossy.
-    An unknown technique or parameters that no longer validate count as lossy (never a false promise).
+    A stored run says so itself (its ``lossless`` column); this asks the technique, for runs stored
+    before that column existed. An unknown technique or parameters that no longer validate count as
+    lossy (never a false promise).
     """
     if technique == BASELINE_CONFIGURATION:
         return True
@@ -216,11 +218,15 @@ def run_features(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame(columns=columns)
     rows = []
+    name_of_digest: dict[str, str] = {}  # one model, one name: the first name its files were stored under
     for run in runs.to_dict(orient="records"):
         if run.get("status") != "ok" or run.get("speedup") is None or not (run["speedup"] > 0):
             continue
         if run.get("technique") == BASELINE_CONFIGURATION:
             continue  # an A/A check of the harness, not a candidate
+        digest = run.get("model_digest")
+        if isinstance(digest, str) and digest:
+            run = {**run, "model": name_of_digest.setdefault(digest, run["model"])}
         rows.append(_run_row(run))
     return pd.DataFrame(rows, columns=columns)
 
@@ -251,7 +257,8 @@ def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:
     row["params"] = json.dumps(params, sort_keys=True)
     row["draft"] = draft
     row["draft_parameters"] = _number(draft_info.get("parameters"))
-    row["lossless"] = is_lossless(run["technique"], params)
+    stored = run.get("lossless")
+    row["lossless"] = bool(stored) if isinstance(stored, (bool, np.bool_)) else is_lossless(run["technique"], params)
     row["log_speedup"] = math.log(float(run["speedup"]))
     row["log_speedup_se"] = _log_standard_error(run.get("speedup_ci_low"), run.get("speedup_ci_high"))
     row["quality_loss_points"] = quality_loss_points(run.get("quality"), modality)
@@ -346,33 +353,28 @@ def hardware_features(environment: Mapping[str, Any], device: str, threads: Any 
 
 def configuration_features(technique: str, params: Mapping[str, Any], draft: str | None,
                            draft_parameters: Any, model_info: Mapping[str, Any]) -> dict[str, Any]:
-    """Technique, its parameters and the draft/target pair, for one candidate configuration."""
-    scheme = params.get("scheme") if technique == "quantization" else None
-    scheme = scheme or params.get("quantization") or params.get("draft_quantization")
-    if technique == "quantization" and scheme is None:
-        scheme = "int8-dynamic"  # the technique's default scheme
-    ratio = float("nan")
-    target_parameters = model_info.get("parameters")
-    if technique == "speculative":
-        if draft and isinstance(draft_parameters, (int, float)) and target_parameters:
-            ratio = float(draft_parameters) / float(target_parameters)
-        elif params.get("draft_layers") and model_info.get("layers"):
-            ratio = float(params["draft_layers"]) / float(model_info["layers"])
-        elif params.get("prompt_lookup_num_tokens"):
-            ratio = 0.0  # n-gram lookup costs (almost) nothing
-    speculative_draft = technique == "speculative" and not params.get("prompt_lookup_num_tokens")
-    return {
-        "technique": technique,
-        "configuration": configuration_id(technique, params, draft),
-        "draft_tokens": _number(params.get("num_assistant_tokens"), default=4.0) if speculative_draft
-        else float("nan"),
-        "prompt_lookup_tokens": _number(params.get("prompt_lookup_num_tokens")),
-        "quantization_bits": float(_QUANT_BITS.get(str(scheme), float("nan"))) if scheme else float("nan"),
-        "exit_threshold": _number(params.get("threshold")),
-        "step_policy": str(params.get("policy") or ("predictor" if technique == "adaptive_steps" else
-                                                    "confidence" if technique == "early_exit" else "none")),
-        "draft_cost_ratio": ratio,
-    }
+    """Technique, its parameters and the draft/target pair, for one candidate configuration.
+
+    The values come from the technique's own ``Technique.features(params, model, draft)``; features it
+    does not set, and every feature of a technique no longer registered, are "not applicable".
+    """
+    from workbench import techniques
+
+    draft_info = {"name": draft, "parameters": draft_parameters} if draft else None
+    try:
+        given = techniques.get(technique).features(dict(params), dict(model_info), draft_info)
+    except Exception:  # a technique removed or renamed since the run was stored
+        given = {}
+    row: dict[str, Any] = {"technique": technique, "configuration": configuration_id(technique, params, draft)}
+    for feature in FEATURES:
+        if feature.group not in ("configuration", "pair") or feature.name in row:
+            continue
+        value = given.get(feature.name)
+        if feature.kind == "categorical":
+            row[feature.name] = _CATEGORY_NOT_APPLICABLE if value is None else str(value)
+        else:
+            row[feature.name] = _number(value)
+    return row
 
 
 def _number(value: Any, default: float = float("nan")) -> float:
@@ -463,47 +465,9 @@ def describe_model_files(location: Path) -> dict[str, Any]:
         >>> describe_model_files(Path("data/zoo/code-target"))["family"]  # doctest: +SKIP
         'gpt2'
     """
-    location = Path(location)
-    if (location / "model_index.json").is_file():  # a diffusers pipeline: describe its denoiser
-        index = json.loads((location / "model_index.json").read_text())
-        params, nbytes = _safetensors_size(location / "unet")
-        return {"family": index.get("_class_name") or "diffusion", "parameters": params, "model_bytes": nbytes,
-                "layers": None, "hidden_size": None}
-    config_path = location / "config.json"
-    if not config_path.is_file():
-        raise WorkbenchError(f"model folder {str(location)!r} has no config.json: give a save_pretrained folder")
-    config = json.loads(config_path.read_text())
-    params, nbytes = _safetensors_size(location)
-    return {
-        "family": config.get("model_type") or "unknown",
-        "architecture": (config.get("architectures") or [None])[0],
-        "parameters": params,
-        "model_bytes": nbytes,
-        "layers": config.get("num_hidden_layers") or config.get("n_layer"),
-        "hidden_size": config.get("hidden_size") or config.get("n_embd") or config.get("d_model"),
-        "vocab_size": config.get("vocab_size"),
-    }
+    from workbench.models.facts import describe_files
 
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _safetensors_size(folder: Path) -> tuple[int | None, int | None]:
-    """Parameters and bytes summed from the JSON headers of every ``*.safetensors`` file in ``folder``."""
-    params = nbytes = 0
-    files = sorted(Path(folder).glob("*.safetensors"))
-    for path in files:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        for name, tensor in header.items():
-            if name == "__metadata__":
-                continue
-            count = int(np.prod(tensor["shape"])) if tensor["shape"] else 1
-            params += count
-            nbytes += count * _DTYPE_BYTES.get(tensor["dtype"], 4)
-    return (params, nbytes) if files else (None, None)
+    return describe_files(Path(location))
 
 
 def context_for(model: str, workload: Any, device: str = "cpu", dtype: str = "float32", threads: int | None = None,

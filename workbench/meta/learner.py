@@ -81,7 +81,7 @@ class Budget:
 
     text: str  # as the user wrote it: lossless, any, accuracy<=1, loss<=2.5
     max_quality_loss_points: float  # the largest quality loss allowed (0-100 points scale); inf: any
-    lossless: bool = False  # only techniques that promise identical outputs (speculative greedy)
+    lossless: bool = False  # only techniques that promise identical outputs (Technique.lossless)
 
     def __post_init__(self) -> None:
         if not self.max_quality_loss_points >= 0:
@@ -337,7 +337,7 @@ class MetaLearner(RegressorMixin, BaseEstimator):
         text = export_text(tree, feature_names=self.encoded_columns_, decimals=3)
         if self.learner == "tree":
             text = text.replace("value: [", "log speedup vs prior: [")
-        return (f"(a number of {MISSING_NUMBER:g} means 'not applicable', e.g. quantization_bits of an "
+        return (f"(a number of {MISSING_NUMBER:g} means 'not applicable', e.g. weight_bits of an "
                 f"unquantized configuration; name=value columns are 1 when true)\n{text}")
 
 

@@ -7,6 +7,8 @@ Example:
 """
 
 from workbench.techniques import adaptive_steps, baseline, early_exit, quantization, speculative  # noqa: F401  (registers them)
-from workbench.techniques.base import Param, Technique, get, names, register
+from workbench.techniques.base import (ExpertRule, Facts, Metric, Outcome, Param, Technique, TechniqueReport, Trial,
+                                       get, names, register, registered)
 
-__all__ = ["Param", "Technique", "get", "names", "register"]
+__all__ = ["ExpertRule", "Facts", "Metric", "Outcome", "Param", "Technique", "TechniqueReport", "Trial", "get",
+           "names", "register", "registered"]

@@ -36,13 +36,13 @@ import torch
 from torch import nn
 
 SCHEMES: dict[str, dict[str, Any]] = {
-    "int8-dynamic": {"library": "torch.ao.quantization.quantize_dynamic (x86/fbgemm)", "devices": ("cpu",)},
-    "int8-weight-only": {"library": "torchao Int8WeightOnlyConfig", "devices": ("cpu", "cuda"), "needs": "torchao"},
-    "int4-weight-only": {"library": "torchao Int4WeightOnlyConfig", "devices": ("cuda",), "needs": "torchao"},
-    "fp16": {"library": "torch (Module.to(float16))", "devices": ("cpu", "cuda")},
-    "bf16": {"library": "torch (Module.to(bfloat16))", "devices": ("cpu", "cuda")},
-    "bnb-int8": {"library": "bitsandbytes Linear8bitLt (LLM.int8())", "devices": ("cuda",), "needs": "bitsandbytes"},
-    "bnb-nf4": {"library": "bitsandbytes Linear4bit (NF4)", "devices": ("cuda",), "needs": "bitsandbytes"},
+    "int8-dynamic": {"bits": 8, "library": "torch.ao.quantization.quantize_dynamic (x86/fbgemm)", "devices": ("cpu",)},
+    "int8-weight-only": {"bits": 8, "library": "torchao Int8WeightOnlyConfig", "devices": ("cpu", "cuda"), "needs": "torchao"},
+    "int4-weight-only": {"bits": 4, "library": "torchao Int4WeightOnlyConfig", "devices": ("cuda",), "needs": "torchao"},
+    "fp16": {"bits": 16, "library": "torch (Module.to(float16))", "devices": ("cpu", "cuda")},
+    "bf16": {"bits": 16, "library": "torch (Module.to(bfloat16))", "devices": ("cpu", "cuda")},
+    "bnb-int8": {"bits": 8, "library": "bitsandbytes Linear8bitLt (LLM.int8())", "devices": ("cuda",), "needs": "bitsandbytes"},
+    "bnb-nf4": {"bits": 4, "library": "bitsandbytes Linear4bit (NF4)", "devices": ("cuda",), "needs": "bitsandbytes"},
 }
 
 

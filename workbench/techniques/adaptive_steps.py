@@ -23,16 +23,16 @@ Policies:
   has converged. Needs a pipeline whose callback exposes ``pred_original_sample`` (the zoo's
   ``DigitsPipeline`` does; Stable Diffusion pipelines do not, and say so before loading).
 
-In prepare the technique also draws the ``reference_steps`` image of every workload input's seed;
-:meth:`AdaptiveSteps.extra_quality` compares both the baseline's and the technique's images with
-it (SSIM, PSNR) and, for class-conditional digits, has a judge classifier check the drawn class.
+In prepare the technique also draws the ``reference_steps`` image of every timed input's seed;
+:meth:`AdaptiveSteps.report` compares both the baseline's and the technique's images with it (SSIM,
+PSNR) and, for class-conditional digits, has a judge classifier check the drawn class.
 
 Example:
     >>> from workbench.techniques.adaptive_steps import AdaptiveSteps
     >>> AdaptiveSteps(policy="convergence", tolerance=0.01).config["max_steps"] is None
     True
-    >>> AdaptiveSteps().why_not("causal_lm", spec=None)
-    "technique 'adaptive_steps' applies to diffusion models, not to a causal_lm model"
+    >>> AdaptiveSteps().applies_to
+    ('diffusion',)
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import contextlib
 import copy
 import inspect
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -56,12 +55,18 @@ from workbench import quality
 from workbench.errors import NotApplicableError
 from workbench.measure import CallOutput
 from workbench.techniques._execute import draw
-from workbench.techniques.base import Param, Technique, TechniqueParamError, register
+from workbench.techniques.base import (ExpertRule, Facts, Metric, Outcome, Param, Technique, TechniqueParamError,
+                                       TechniqueReport, Trial, register)
 from workbench.workloads import Batch
 
 TRAIN_SEED_BASE = 1_000_000_007  # training seeds start here, far from the workload's (spec.seed * 100_003 + i)
 ZOO_DIGITS = "zoo:digits-diffusion"  # the zoo pipeline whose judge is zoo:digits-judge
 ZOO_JUDGE = "zoo:digits-judge"
+_METRIC_LABELS = {  # human-readable names of the quality figures shown in one line
+    "ssim_technique_vs_reference": "SSIM vs reference", "ssim_baseline_vs_reference": "SSIM vs reference (baseline)",
+    "steps_technique_mean": "mean steps", "judge_accuracy_technique": "judge accuracy",
+    "judge_accuracy_baseline": "judge accuracy (baseline)",
+}
 POLICY_PARAMS = {  # parameters that only one policy reads
     "predictor": ("candidate_steps", "train_seeds", "quantile", "max_depth", "cv_folds", "sweep_batch_size"),
     "convergence": ("tolerance", "max_steps"),
@@ -330,33 +335,26 @@ class AdaptiveSteps(Technique):
         self._saved: dict[str, Any] | None = None
 
     # -- checks before loading ------------------------------------------------------------------
-    def why_not_located(self, model_path: Path, draft_path: Path | None) -> str | None:
+    def check(self, facts: Facts, spec: Any) -> str | None:
+        reason = super().check(facts, spec)
+        if reason:
+            return reason
         if self.config["judge"] is not None:
             try:
                 load_judge(self.config["judge"])
             except NotApplicableError as exc:
                 return str(exc)
-        if self.config["policy"] != "convergence":
-            return None
-        index = Path(model_path) / "model_index.json"
-        class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-        if class_name in (None, "DigitsPipeline"):
+        if self.config["policy"] != "convergence" or facts.model.family in ("diffusion", "DigitsPipeline"):
             return None
         import diffusers
 
-        pipe_class = getattr(diffusers, class_name, None)
+        pipe_class = getattr(diffusers, facts.model.family, None)
         return None if pipe_class is None else why_not_convergence(pipe_class)
 
-    def why_not_loaded(self, model: Any, draft: Any) -> str | None:
-        if self.config["policy"] == "convergence":
-            return why_not_convergence(type(model.model))
-        return None
-
     # -- prepare (untimed) ----------------------------------------------------------------------
-    def prepare(self, model: Any, spec: Any, draft: Any = None) -> None:
-        from workbench.workloads import load_workload, make_batches
-
+    def prepare(self, trial: Trial) -> None:
         # 1. Keep what release() must put back: the scheduler's state and the interrupt flag.
+        model, spec = trial.model, trial.spec
         pipe = model.model
         self._pipe, self._model, self._spec = pipe, model, spec
         self._saved = {"scheduler": copy.deepcopy(vars(pipe.scheduler)),
@@ -369,7 +367,7 @@ class AdaptiveSteps(Technique):
         self.max_steps_ = self.config["max_steps"] or self.baseline_steps_
         self.steps_by_seed_: dict[int, int] = {}
         # 2. The inputs the runner will time, and the reference image of every one of their seeds.
-        self.batches_ = make_batches(load_workload(spec.workload), model, spec.workload)
+        self.batches_ = trial.batches
         self.evaluation_seeds_ = [s for b in self.batches_ for s in b.seeds]
         reference = [image for b in self.batches_ for image in draw(pipe, b, self.config["reference_steps"]).output]
         self.reference_by_seed_ = dict(zip(self.evaluation_seeds_, reference))
@@ -518,7 +516,36 @@ class AdaptiveSteps(Technique):
         """(seed, class label or prompt) of every workload input, in order."""
         return [(seed, (b.class_labels or b.prompts)[i]) for b in self.batches_ for i, seed in enumerate(b.seeds)]
 
-    def extra_quality(self, baseline: list[Any], technique: list[Any]) -> dict[str, Any]:
+    def report(self, outcome: Outcome) -> TechniqueReport:
+        figures = self._quality(outcome.baseline_outputs, outcome.technique_outputs)
+        internals = self.internals(outcome.per_call)
+        units = {"ssim": ("SSIM", True), "psnr_db": ("dB", True), "judge_accuracy_change_points": ("points", True),
+                 "judge_accuracy": ("", True), "identical": ("", True), "steps_technique_mean": ("steps", False)}
+        metrics = []
+        for key, value in figures.items():
+            numeric = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not numeric or key in ("reference_steps", "ssim_target"):
+                continue  # settings, names and per-input lists stay in internals["quality_details"]
+            unit, higher = next((u for prefix, u in units.items() if key.startswith(prefix)), ("", None))
+            shown = key in ("ssim_technique_vs_reference", "ssim_baseline_vs_reference", "steps_technique_mean",
+                            "judge_accuracy_technique", "judge_accuracy_baseline")
+            metrics.append(Metric(key, None if value is None else float(value), unit, higher,
+                                  _METRIC_LABELS.get(key, ""), headline=shown))
+        mean_steps = internals["mean_steps"]
+        return TechniqueReport(
+            lossless=False, quality=metrics, internals={**internals, "quality_details": figures},
+            features=self.features(self.config, {}, None),
+            headline=f"{self.config['policy']}: {mean_steps or 0:.1f} of {self.baseline_steps_} steps on average")
+
+    @classmethod
+    def features(cls, params: dict[str, Any], model: dict[str, Any], draft: dict[str, Any] | None) -> dict[str, Any]:
+        return {"step_policy": str(params.get("policy") or cls.params["policy"].default)}
+
+    @classmethod
+    def expert_rules(cls) -> list[ExpertRule]:
+        return [ExpertRule(40, "adaptive steps for diffusion", lambda rows: rows["modality"] == "image-generation")]
+
+    def _quality(self, baseline: list[Any], technique: list[Any]) -> dict[str, Any]:
         # 1. Both variants against the reference of the same seed.
         base_images = [im for out in baseline for im in out]
         tech_images = [im for out in technique for im in out]

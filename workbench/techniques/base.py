@@ -1,9 +1,31 @@
 """The technique contract and the registry.
 
 A technique is one file: a :class:`Technique` subclass registered by name with :func:`register`. The
-runner builds it from its parameters, asks :meth:`Technique.why_not` before loading anything it can,
-calls :meth:`prepare` once, :meth:`run` once per batch (timed), :meth:`internals` with the timed
-calls' internals, and :meth:`release` at the end, even after a failure, so the model is never left altered.
+runner builds it from its parameters and then, in this order:
+
+1. :meth:`Technique.check` ``(facts, spec)`` at plan time, before any weight loads: a reason it cannot
+   apply (architecture, tokenizer, batch size, device), or None. A refusal is one line: exit 2 for
+   ``workbench run``, a *skipped* row in a sweep, never retried by ``--resume``.
+2. :meth:`Technique.prepare` ``(trial)`` once, untimed. The :class:`Trial` holds everything built
+   for the run: the spec, the loaded target (and draft), the exact batches that will be timed, a
+   calibration split disjoint from them (exit heads, step predictors, calibration), and the facts.
+   No technique loads a workload again.
+3. :meth:`Technique.run` ``(batch)`` once per timed call.
+4. :meth:`Technique.report` ``(outcome)`` with the timed calls' internals and outputs: a typed
+   :class:`TechniqueReport` (lossless, bytes used and read per token, quality as named
+   :class:`Metric` objects with unit and direction, internals, the technique's meta-learner features
+   and a one-line headline). The store writes its fields as columns; display, figures and the
+   meta-learner read those fields and never branch on technique names.
+5. :meth:`Technique.release`, even after a failure, so no shared model is left altered.
+
+Two class-level hooks serve the meta-learner without running anything: :meth:`Technique.features`
+(the configuration's descriptors for a model) and :meth:`Technique.expert_rules` (rules of thumb,
+the "expert" baseline a learner must beat).
+
+Techniques outside this package register the same way: a module or ``.py`` file named in the
+``WORKBENCH_TECHNIQUES`` environment variable (comma-separated), or an entry point in the
+``workbench.techniques`` group, is imported with the registry, in every process (the CLI, sweep
+workers, report kernels).
 
 Example:
     >>> from workbench.techniques import get
@@ -13,9 +35,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib
+import importlib.util
+import math
+import os
+import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,9 +52,15 @@ from workbench.errors import WorkbenchError
 from workbench.measure import CallOutput
 
 if TYPE_CHECKING:
+    import pandas as pd
+
+    from workbench.models.facts import ModelFacts
     from workbench.models.loading import LoadedModel
     from workbench.specs import RunSpec
-    from workbench.workloads import Batch
+    from workbench.workloads import Batch, Workload
+
+PLUGINS_ENV = "WORKBENCH_TECHNIQUES"  # comma-separated modules or .py files holding more techniques
+ENTRY_POINT_GROUP = "workbench.techniques"
 
 
 class UnknownTechniqueError(WorkbenchError):
@@ -47,18 +82,144 @@ class Param:
     minimum: float | None = None  # smallest allowed number, when bounded
 
 
+# ----------------------------------------------------------------------------------------------------
+# what goes in: facts at plan time, the trial at prepare time, the outcome at report time
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the files say about the target and the draft, and where the run goes (nothing loaded)."""
+
+    model: ModelFacts  # the target
+    draft: ModelFacts | None  # the draft model, when the spec names one
+    device: str  # "cpu", "cuda", "cuda:1"
+    calibration_items: int  # inputs available for the calibration split (disjoint from the timed ones)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "draft": None if self.draft is None else self.draft.to_dict(),
+                "device": self.device, "calibration_items": self.calibration_items}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Facts:
+        from workbench.models.facts import ModelFacts
+
+        return cls(ModelFacts.from_dict(data["model"]),
+                   None if data.get("draft") is None else ModelFacts.from_dict(data["draft"]),
+                   data["device"], int(data.get("calibration_items") or 0))
+
+
+@dataclass
+class Trial:
+    """Everything the runner built for one run, handed to :meth:`Technique.prepare`.
+
+    ``batches`` are exactly the inputs that will be timed, in order; ``calibration`` is a split of the
+    same workload that shares no input with them (empty when the workload has no items to spare).
+    """
+
+    spec: RunSpec  # what is being run
+    facts: Facts  # what the model files say (the same object check() saw)
+    model: LoadedModel  # the target, shared with the baseline: never modify it in place
+    draft: LoadedModel | None  # the draft model, when the spec names one
+    workload: Workload  # the timed inputs as items (modality, description)
+    batches: list[Batch]  # the timed inputs, model-ready
+    calibration: list[Batch] = field(default_factory=list)  # disjoint inputs for training or calibration
+
+    @property
+    def texts(self) -> list[str]:
+        """Every timed input's text (prompts, texts or "class k"), in order."""
+        return [text for batch in self.batches for text in batch.texts]
+
+
+@dataclass
+class Outcome:
+    """What the timed calls produced, handed to :meth:`Technique.report`."""
+
+    per_call: list[dict[str, Any]]  # CallOutput.internals of every timed technique call (warm-up excluded)
+    baseline_outputs: list[Any]  # per batch: the baseline's CallOutput.output in the first timed pass
+    technique_outputs: list[Any]  # per batch: the technique's, same pass
+    standard_quality: dict[str, Any]  # quality.compare(...) of the two: agreement, accuracy, PSNR
+
+
+# ----------------------------------------------------------------------------------------------------
+# what comes out: the typed report
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One named quality figure with its unit and direction.
+
+    Example:
+        >>> Metric("perplexity_change_percent", 0.4, "%", higher_is_better=False).text()
+        'perplexity change +0.4 %'
+    """
+
+    name: str  # snake_case key, unit in the name where there is one: perplexity_change_percent
+    value: float | None  # None when it could not be measured
+    unit: str  # "%", "points", "nats", "dB", "SSIM", "steps", "" for plain ratios and counts
+    higher_is_better: bool | None  # None: descriptive (neither direction is better)
+    label: str = ""  # human-readable name; default: the name without its unit suffix
+    headline: bool = True  # shown in the one-line quality text (False: tables and details only)
+
+    def text(self) -> str:
+        """'label value unit', signed for changes."""
+        label = self.label or _label_of(self.name)
+        value = self.value
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return f"{label} n/a"
+        signed = "change" in self.name or "drop" in self.name
+        number = f"{value:+.3g}" if signed else f"{value:.4g}"
+        return f"{label} {number} {self.unit}".rstrip()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _label_of(name: str) -> str:
+    words = name.split("_")
+    while words and words[-1] in ("percent", "points", "db", "nats", "steps", "bytes", "s", "mean"):
+        words.pop()
+    return " ".join(words or name.split("_"))
+
+
+@dataclass
+class TechniqueReport:
+    """What a technique says about its own timed calls; the store writes each field as a column."""
+
+    lossless: bool  # outputs must equal the baseline's token for token (a mismatch fails the run)
+    model_bytes: int | None = None  # bytes of the weights actually used (target + draft, quantized ...)
+    bytes_read_per_token: float | None = None  # weight bytes read per generated token (roofline); None: model_bytes
+    quality: list[Metric] = field(default_factory=list)  # the technique's own quality figures
+    internals: dict[str, Any] = field(default_factory=dict)  # what it did (acceptance, exit layers, steps)
+    features: dict[str, Any] = field(default_factory=dict)  # its meta-learner descriptors (see Technique.features)
+    headline: str = ""  # one line: what it did, e.g. "acceptance 61%, theory predicts 1.88x"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lossless": self.lossless, "model_bytes": self.model_bytes,
+                "bytes_read_per_token": self.bytes_read_per_token,
+                "quality": [m.to_dict() for m in self.quality], "internals": self.internals,
+                "features": self.features, "headline": self.headline}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the contract
+# ----------------------------------------------------------------------------------------------------
+
+
 class Technique(ABC):
     """The contract every technique follows.
 
-    Subclasses set ``name``, ``applies_to`` (model kinds) and ``params`` (name -> :class:`Param`),
-    and implement :meth:`prepare` and :meth:`run`.
+    Subclasses set ``name``, ``applies_to`` (model kinds), ``params`` (name -> :class:`Param`),
+    ``description`` and ``examples``, and implement :meth:`prepare`, :meth:`run` and :meth:`report`;
+    :meth:`check` refuses what cannot apply, before any weight loads.
     """
 
     name: ClassVar[str]  # registry key, used on the command line and in the store
     applies_to: ClassVar[tuple[str, ...]]  # model kinds: causal_lm, classifier, diffusion
     params: ClassVar[dict[str, Param]] = {}  # accepted parameters
-    needs_draft: ClassVar[bool] = False  # True when a draft model may be given with --draft
-    description: ClassVar[str] = ""  # one line for `workbench techniques`
+    takes_draft: ClassVar[bool] = False  # True when a draft model may be given with --draft
+    description: ClassVar[str] = ""  # one line for `workbench techniques` and for reports' labels
     examples: ClassVar[tuple[dict[str, Any], ...]] = ()  # runnable settings on the zoo: model, workload,
     # draft, params; the contract test runs each one end to end, and docs show them
 
@@ -86,47 +247,65 @@ class Technique(ABC):
         """True when outputs must equal the baseline's token for token (a mismatch fails the run)."""
         return False
 
-    def why_not(self, kind: str, spec: RunSpec) -> str | None:
-        """Why the technique cannot run on this model kind and spec, or None when it can."""
-        if kind not in self.applies_to:
+    def check(self, facts: Facts, spec: RunSpec) -> str | None:
+        """Why the technique cannot run with these model facts and this spec, or None when it can.
+
+        The default refuses other model kinds, and a draft model unless ``takes_draft``; techniques
+        extend it with their own refusals.
+        """
+        reason = self.check_kind(facts)
+        if reason is None and facts.draft is not None and not self.takes_draft:
+            reason = f"technique {self.name!r} takes no draft model: drop --draft"
+        return reason
+
+    def check_kind(self, facts: Facts) -> str | None:
+        """The model-kind check alone."""
+        if facts.model.kind not in self.applies_to:
             return (f"technique {self.name!r} applies to {', '.join(self.applies_to)} models, "
-                    f"not to a {kind} model")
-        return None
-
-    def why_not_located(self, model_path: Path, draft_path: Path | None) -> str | None:
-        """Checks that need the model's files but not its weights (configs, tokenizers); None when fine."""
-        return None
-
-    def why_not_loaded(self, model: LoadedModel, draft: LoadedModel | None) -> str | None:
-        """Checks that need the loaded models (tokenizer match, relative size); None when fine."""
+                    f"not to a {facts.model.kind} model")
         return None
 
     # -- execution -----------------------------------------------------------------------------
     @abstractmethod
-    def prepare(self, model: LoadedModel, spec: RunSpec, draft: LoadedModel | None = None) -> None:
+    def prepare(self, trial: Trial) -> None:
         """Get ready to run (attach a draft, quantize a copy, train exit heads ...). Untimed."""
 
     @abstractmethod
     def run(self, batch: Batch) -> CallOutput:
         """Process one batch; this call is what the harness times."""
 
-    def internals(self, per_call: list[dict[str, Any]]) -> dict[str, Any]:
-        """Technique internals aggregated over the timed calls (acceptance, exit layers, steps).
-
-        ``per_call`` holds the ``CallOutput.internals`` of each timed call (warm-up calls excluded).
-        """
-        return {}
-
-    def extra_quality(self, baseline: list[Any], technique: list[Any]) -> dict[str, Any]:
-        """Quality figures only this technique can compute (e.g. SSIM against a 100-step reference,
-        perplexity change); merged into the run's quality beside the standard comparison.
-
-        ``baseline`` and ``technique`` hold each batch's ``CallOutput.output`` from the first timed pass.
-        """
-        return {}
+    @abstractmethod
+    def report(self, outcome: Outcome) -> TechniqueReport:
+        """The typed report of the timed calls (see :class:`TechniqueReport`)."""
 
     def release(self) -> None:
         """Undo anything done to shared models; called even after a failure."""
+
+    # -- for the meta-learner, without running -------------------------------------------------
+    @classmethod
+    def features(cls, params: dict[str, Any], model: dict[str, Any], draft: dict[str, Any] | None) -> dict[str, Any]:
+        """This configuration's descriptors for the meta-learner (see ``meta.features.FEATURES``, group
+        "configuration" and "pair"): e.g. ``draft_tokens``, ``weight_bits``, ``draft_cost_ratio``.
+
+        ``model`` and ``draft`` are model descriptors (parameters, layers, hidden_size ...); features a
+        technique does not set are "not applicable" (NaN, or "none" for categories).
+        """
+        return {}
+
+    @classmethod
+    def expert_rules(cls) -> list[ExpertRule]:
+        """Rules of thumb for this technique, the hand-written baseline a meta-learner must beat."""
+        return []
+
+
+@dataclass(frozen=True)
+class ExpertRule:
+    """One rule of thumb: among a context's candidate rows of this technique, pick those where
+    ``applies(rows)`` holds; rules are tried in ``priority`` order (lowest first), first match wins."""
+
+    priority: int  # order among every registered technique's rules
+    text: str  # the rule in words, for the evaluation table's notes
+    applies: Callable[[pd.DataFrame], Any]  # feature rows -> boolean mask (a pandas Series)
 
 
 def _coerce(tech: str, key: str, value: Any, param: Param) -> Any:
@@ -162,14 +341,23 @@ _REGISTRY: dict[str, type[Technique]] = {}
 
 def register(cls: type[Technique]) -> type[Technique]:
     """Class decorator: make a technique available by its ``name``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"technique name {cls.name!r} is registered twice")
+    old = _REGISTRY.get(cls.name)
+    if old is not None and old is not cls and _source_file(old) != _source_file(cls):
+        raise ValueError(f"technique name {cls.name!r} is registered twice ({_source_file(old)} and "
+                         f"{_source_file(cls)}): give one of them another name")
     _REGISTRY[cls.name] = cls
     return cls
 
 
+def _source_file(cls: type) -> str:
+    """The file a class was defined in (one file imported under two module names is one technique)."""
+    module = sys.modules.get(cls.__module__)
+    return str(Path(getattr(module, "__file__", "") or cls.__module__).resolve())
+
+
 def get(name: str) -> type[Technique]:
     """The technique class registered under ``name``; the error lists the valid names."""
+    load_plugins()
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -181,4 +369,46 @@ def get(name: str) -> type[Technique]:
 
 def names() -> list[str]:
     """Registered technique names, sorted."""
+    load_plugins()
     return sorted(_REGISTRY)
+
+
+def registered() -> list[type[Technique]]:
+    """Every registered technique class, by name."""
+    return [_REGISTRY[name] for name in names()]
+
+
+_LOADED_PLUGINS: set[str] = set()
+
+
+def load_plugins() -> None:
+    """Import the techniques named by ``WORKBENCH_TECHNIQUES`` and the ``workbench.techniques`` entry
+    points (once each); a name that cannot be imported is one clear line."""
+    wanted = [part.strip() for part in os.environ.get(PLUGINS_ENV, "").split(",") if part.strip()]
+    for target in wanted:
+        if target in _LOADED_PLUGINS:
+            continue
+        _LOADED_PLUGINS.add(target)
+        try:
+            if target.endswith(".py"):
+                path = Path(target).expanduser().resolve()
+                if not path.is_file():
+                    raise FileNotFoundError(str(path))
+                module_name = f"workbench_plugin_{path.stem}"
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            else:
+                importlib.import_module(target)
+        except Exception as exc:
+            _LOADED_PLUGINS.discard(target)
+            raise WorkbenchError(f"{PLUGINS_ENV} names {target!r}, which cannot be imported "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                                 "give a module name or an existing .py file") from None
+    if "entry_points" not in _LOADED_PLUGINS:
+        _LOADED_PLUGINS.add("entry_points")
+        from importlib.metadata import entry_points
+
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            point.load()

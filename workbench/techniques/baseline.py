@@ -2,7 +2,7 @@
 
 Example:
     >>> from workbench.techniques.baseline import Baseline
-    >>> Baseline().why_not("causal_lm", spec=None) is None
+    >>> Baseline().lossless
     True
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from workbench.measure import CallOutput
 from workbench.techniques._execute import run_plain
-from workbench.techniques.base import Technique, register
+from workbench.techniques.base import Outcome, Technique, TechniqueReport, Trial, register
 
 
 @register
@@ -32,8 +32,11 @@ class Baseline(Technique):
     def lossless(self) -> bool:
         return True
 
-    def prepare(self, model: Any, spec: Any, draft: Any = None) -> None:
-        self._model, self._spec = model, spec
+    def prepare(self, trial: Trial) -> None:
+        self._model, self._spec = trial.model, trial.spec
 
     def run(self, batch: Any) -> CallOutput:
         return run_plain(self._model, batch, self._spec)
+
+    def report(self, outcome: Outcome) -> TechniqueReport:
+        return TechniqueReport(lossless=True, headline="the model as it is (an A/A check of the harness)")

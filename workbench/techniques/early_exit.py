@@ -3,22 +3,23 @@
 Classifiers (DeeBERT / PABEE style): one small linear exit head per intermediate layer reads the
 first token's hidden state; the last layer always uses the model's own head, so a threshold that never
 exits reproduces the model's predictions exactly. The heads are trained in :meth:`EarlyExit.prepare`
-on the labelled workload with the backbone frozen, cross-fitted over two folds (item index even/odd):
-heads trained on one fold decide for the other fold's items, so no item is judged by a head that saw
-its label. A row that exits leaves the batch at that layer, so the remaining layers run on fewer rows.
+on the trial's *calibration* split (labelled inputs of the same workload that are never timed) with the
+backbone frozen; their per-layer accuracy is then reported on the timed inputs' labels. A row that exits
+leaves the batch at that layer, so the remaining layers run on fewer rows.
 
 Policies: ``confidence`` exits at the first layer whose exit head's top softmax probability exceeds
 ``threshold``; ``patience`` (PABEE) exits once ``patience`` consecutive layers predict the same label.
-:meth:`prepare` also measures a threshold curve side by side (every threshold and the full model
-interleaved: accuracy, mean layers executed, latency, speedup) and picks the operating point: the
-fastest setting that loses at most ``max_accuracy_drop_points`` of accuracy against the full model.
+:meth:`prepare` also measures a threshold curve side by side on the calibration split (every threshold
+and the full model interleaved: accuracy, mean layers executed, latency, speedup) and picks the
+operating point there: the fastest setting that loses at most ``max_accuracy_drop_points`` of accuracy
+against the full model. Nothing is chosen on the inputs that are timed.
 
 Example:
     >>> from workbench.techniques.early_exit import EarlyExit
     >>> EarlyExit(threshold=0.9).config["policy"]
     'confidence'
-    >>> EarlyExit(policy="patience", patience=2).why_not("diffusion", spec=None)
-    "technique 'early_exit' applies to classifier, causal_lm models, not to a diffusion model"
+    >>> EarlyExit(policy="patience", patience=2).params["patience"].minimum
+    1
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ from workbench.measure import CallOutput, run_interleaved, summarize_samples
 from workbench.techniques._execute import classify, generate
 from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
 from workbench.techniques._layers import ClassifierStack, DecoderStack, classifier_stack, decoder_stack
-from workbench.techniques.base import Param, Technique, TechniqueParamError, register
+from workbench.techniques.base import (ExpertRule, Facts, Metric, Outcome, Param, Technique, TechniqueParamError,
+                                       TechniqueReport, Trial, register)
 
-FOLDS = 2  # cross-fitting folds: heads trained on one fold decide for the other's items
 FULL = "full"  # name of the full-model variant in the threshold curve
+#: Causal-LM families whose layer stack early exit can drive (token + absolute position embeddings,
+#: blocks, a final norm): checked from config.json before any weight loads.
+DECODER_FAMILIES = ("gpt2",)
+MIN_CALIBRATION_ITEMS = 2  # labelled calibration inputs needed to train exit heads
 
 
 def parse_thresholds(text: str) -> list[float]:
@@ -62,71 +67,55 @@ def parse_thresholds(text: str) -> list[float]:
 
 
 class ExitHeads(nn.Module):
-    """Linear exit heads, one per intermediate layer and cross-fitting fold.
+    """Linear exit heads, one per intermediate layer.
 
-    Shapes: ``weight`` (FOLDS, L-1, C, H), ``bias`` (FOLDS, L-1, C) for L layers, C labels, H hidden.
+    Shapes: ``weight`` (L-1, C, H), ``bias`` (L-1, C) for L layers, C labels, H hidden.
     """
 
-    def __init__(self, folds: int, exits: int, labels: int, hidden: int) -> None:
+    def __init__(self, exits: int, labels: int, hidden: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(folds, exits, labels, hidden))
-        self.bias = nn.Parameter(torch.zeros(folds, exits, labels))
+        self.weight = nn.Parameter(torch.zeros(exits, labels, hidden))
+        self.bias = nn.Parameter(torch.zeros(exits, labels))
 
-    def logits(self, layer: int, first_token: torch.Tensor, folds: torch.Tensor) -> torch.Tensor:
-        """(b, C) logits of exit head ``layer`` (0-based) for first-token states (b, H), each row's fold's head."""
-        weight = self.weight[folds, layer]  # (b, C, H)
-        return torch.bmm(weight, first_token.to(weight.dtype).unsqueeze(-1)).squeeze(-1) + self.bias[folds, layer]
+    def logits(self, layer: int, first_token: torch.Tensor) -> torch.Tensor:
+        """(b, C) logits of exit head ``layer`` (0-based) for first-token states (b, H)."""
+        return first_token.to(self.weight.dtype) @ self.weight[layer].T + self.bias[layer]
+
+    def all_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, L-1, C) logits of every head for features (N, L-1, H)."""
+        return torch.einsum("nlh,lch->nlc", features.to(self.weight.dtype), self.weight) + self.bias
 
 
-def train_exit_heads(features: torch.Tensor, labels: torch.Tensor, item_folds: torch.Tensor, num_labels: int,
-                     steps: int, learning_rate: float, seed: int) -> tuple[ExitHeads, dict[str, Any]]:
-    """Fit the exit heads on frozen first-token features, fold by fold; return them and a training report.
+def train_exit_heads(features: torch.Tensor, labels: torch.Tensor, num_labels: int, steps: int,
+                     learning_rate: float, seed: int) -> tuple[ExitHeads, dict[str, Any]]:
+    """Fit the exit heads on frozen first-token features of the calibration split.
 
     Args:
         features: (N, L-1, H) first-token hidden states after each intermediate layer, float32.
         labels: (N,) gold label indices.
-        item_folds: (N,) fold of each item; the heads of fold k are trained on the items of the other folds.
-        steps: full-batch Adam steps per fold.
+        steps: full-batch Adam steps.
 
     Returns:
-        The heads and ``{"steps", "seconds", "per_layer_head_accuracy"}``, where the accuracy of each
-        layer's head is measured cross-fitted (on the items its fold's heads never saw).
+        The heads and ``{"steps", "seconds", "items", "per_layer_train_accuracy"}``.
     """
     start_s = time.perf_counter()
     n_items, exits, hidden = features.shape
     generator = torch.Generator().manual_seed(seed)
-    heads = ExitHeads(FOLDS, exits, num_labels, hidden)
+    heads = ExitHeads(exits, num_labels, hidden)
     with torch.no_grad():
         heads.weight.normal_(0.0, 0.02, generator=generator)
-    held_out_correct = torch.zeros(exits)
-    for fold in range(FOLDS):
-        train = item_folds != fold
-        if not bool(train.any()):
-            continue
-        x, y = features[train], labels[train]  # (n, L-1, H), (n,)
-        weight = heads.weight[fold].detach().clone().requires_grad_(True)  # (L-1, C, H)
-        bias = heads.bias[fold].detach().clone().requires_grad_(True)  # (L-1, C)
-        optimizer = torch.optim.Adam([weight, bias], lr=learning_rate, weight_decay=1e-4)
-        for _ in range(steps):
-            logits = torch.einsum("nlh,lch->nlc", x, weight) + bias  # (n, L-1, C)
-            loss = nn.functional.cross_entropy(logits.reshape(-1, num_labels), y.repeat_interleave(exits))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            heads.weight[fold] = weight
-            heads.bias[fold] = bias
-            test = item_folds == fold
-            if bool(test.any()):
-                predicted = (torch.einsum("nlh,lch->nlc", features[test], weight) + bias).argmax(-1)  # (m, L-1)
-                held_out_correct += (predicted == labels[test, None]).sum(0).float()
+    optimizer = torch.optim.Adam(heads.parameters(), lr=learning_rate, weight_decay=1e-4)
+    for _ in range(steps):
+        logits = heads.all_logits(features)  # (N, L-1, C)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, num_labels), labels.repeat_interleave(exits))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     heads.requires_grad_(False)
-    report = {
-        "steps": steps,
-        "seconds": time.perf_counter() - start_s,
-        "per_layer_head_accuracy": (held_out_correct / max(n_items, 1)).tolist(),
-    }
-    return heads, report
+    with torch.no_grad():
+        train_accuracy = (heads.all_logits(features).argmax(-1) == labels[:, None]).float().mean(0)
+    return heads, {"steps": steps, "seconds": time.perf_counter() - start_s, "items": n_items,
+                   "per_layer_train_accuracy": train_accuracy.tolist()}
 
 
 def calm_generate(stack: DecoderStack, input_ids: torch.Tensor, max_new_tokens: int, threshold: float,
@@ -254,23 +243,41 @@ class EarlyExit(Technique):
                                       "drop threshold or set policy=confidence")
         self.thresholds_ = parse_thresholds(config["thresholds"])
 
-    def why_not(self, kind: str, spec: Any) -> str | None:
-        reason = super().why_not(kind, spec)
+    def check(self, facts: Facts, spec: Any) -> str | None:
+        reason = super().check(facts, spec)
         if not reason and self.config["quantization"]:
             reason = why_not_scheme(self.config["quantization"], spec.device)
-        if reason or kind != "causal_lm":
+        if reason:
             return reason
+        model = facts.model
+        if model.layers is not None and model.layers < 2:
+            return f"early_exit needs a model with 2 or more layers; {model.name!r} has {model.layers}"
+        if model.kind == "classifier":
+            if facts.calibration_items < MIN_CALIBRATION_ITEMS:
+                return (f"early_exit trains exit heads on labelled calibration inputs that are never timed, and the "
+                        f"workload {spec.workload.name!r} has {facts.calibration_items} to spare (at least "
+                        f"{MIN_CALIBRATION_ITEMS} needed): lower max_items or add lines to the file")
+            return None
+        if model.family not in DECODER_FAMILIES:
+            return (f"early_exit on causal LMs supports GPT-2-style models (absolute position embeddings wte/wpe, "
+                    f"blocks, ln_f; model_type {', '.join(DECODER_FAMILIES)}), not {model.architecture or model.family} "
+                    f"({model.name!r})")
         if self.config["policy"] != "confidence":
             return "early_exit on causal LMs uses policy=confidence (CALM); patience applies to classifiers"
         if spec.workload.batch_size != 1:
             return (f"early_exit on causal LMs decodes batch size 1 only, not batch_size={spec.workload.batch_size}:"
                     " set batch_size=1")
+        if facts.calibration_items < 1:
+            return (f"early_exit chooses its threshold on calibration prompts that are never timed, and the workload "
+                    f"{spec.workload.name!r} has none to spare: lower max_items or add lines to the file")
         return None
 
     # -- prepare (untimed) ----------------------------------------------------------------------
-    def prepare(self, model: Any, spec: Any, draft: Any = None) -> None:
+    def prepare(self, trial: Trial) -> None:
+        model, spec = trial.model, trial.spec
         self.kind_ = model.kind
         self.quantization_ = None
+        self.batches_, self.calibration_ = trial.batches, trial.calibration
         if self.config["quantization"]:  # combined variant: early exit on a quantized copy of the model
             copy_, self.quantization_ = quantize_copy(model.model, self.config["quantization"])
             model = dataclasses.replace(model, model=copy_)
@@ -280,8 +287,6 @@ class EarlyExit(Technique):
             self._prepare_classifier(model, spec)
 
     def _prepare_causal_lm(self, model: Any, spec: Any) -> None:
-        from workbench.workloads import load_workload, make_batches
-
         # 1. The layer stack and where exits are tested.
         self._model, self._spec = model, spec
         self.stack_: DecoderStack = decoder_stack(model.model)
@@ -289,14 +294,14 @@ class EarlyExit(Technique):
         every = self.config["check_every"] or max(1, num_layers // 6)
         self.exit_layers_ = frozenset(range(every, num_layers, every))
         self.training_ = None
-        # 2. Inputs; then the curve (token agreement with the full model's greedy output) and operating point.
-        self.batches_ = make_batches(load_workload(spec.workload), model, spec.workload)
-        if any(b.size != 1 for b in self.batches_):
+        # 2. The curve on the calibration prompts (token agreement with the full model's greedy output) and
+        # the operating point chosen there.
+        if any(b.size != 1 for b in self.batches_ + self.calibration_):
             raise NotApplicableError("early_exit on causal LMs decodes batch size 1 only: set batch_size=1")
         self.curve_ = self._measure_curve([])
         self.operating_point_ = self._choose_operating_point(self.curve_)
         self.rule_ = self._rule_used()
-        # 3. Perplexity of both continuations under the full model, at the threshold used.
+        # 3. Perplexity of both continuations of the timed prompts under the full model, at the threshold used.
         nll = {"full": [0.0, 0], "early_exit": [0.0, 0]}
         for batch in self.batches_:
             prompt = batch.inputs["input_ids"]
@@ -317,45 +322,38 @@ class EarlyExit(Technique):
         return classify(self._model.model, batch)
 
     def _prepare_classifier(self, model: Any, spec: Any) -> None:
-        from workbench.workloads import load_workload, make_batches
-
         # 1. The layer stack (an unsupported architecture stops here, before any work).
         self._model, self._spec = model, spec
         self.stack_: ClassifierStack = classifier_stack(model.model)
-        num_layers = self.stack_.num_layers
-        if num_layers < 2:
-            raise NotApplicableError(f"early_exit needs a model with 2 or more layers; "
-                                     f"{type(model.model).__name__} has {num_layers}")
-        # 2. The inputs the runner will time, and each item's fold (found again from its seed in run()).
-        workload = load_workload(spec.workload)
-        self.batches_ = make_batches(workload, model, spec.workload)
-        seeds = [s for b in self.batches_ for s in b.seeds]
-        labels = torch.tensor([y for b in self.batches_ for y in b.labels])
-        if len(seeds) < FOLDS:
-            raise NotApplicableError(f"early_exit trains exit heads on the labelled workload and needs at least "
-                                     f"{FOLDS} items, got {len(seeds)}: raise max_items")
-        self.fold_by_seed_ = {seed: index % FOLDS for index, seed in enumerate(seeds)}
         if not self.stack_.reproduces(self.batches_[0].inputs):
             raise NotApplicableError(f"early_exit could not reproduce {type(model.model).__name__}'s logits "
                                      "layer by layer on the padded workload inputs: not supported yet")
-        # 3. Frozen features: the first token's hidden state after every intermediate layer.
-        with torch.inference_mode():
-            features = torch.cat([torch.stack([h[:, 0] for h in self.stack_.hidden_states(b.inputs)[:-1]], dim=1)
-                                  for b in self.batches_]).float().cpu()  # (N, L-1, H)
-        item_folds = torch.tensor([self.fold_by_seed_[s] for s in seeds])
-        heads, report = train_exit_heads(features, labels, item_folds, model.model.config.num_labels,
-                                         self.config["train_steps"], self.config["learning_rate"],
-                                         self.config["seed"])
+        # 2. Frozen features of the calibration split: the first token's state after every intermediate layer.
+        calibration = self.calibration_
+        labels = torch.tensor([y for b in calibration for y in b.labels])
+        heads, report = train_exit_heads(self._first_token_features(calibration), labels,
+                                         model.model.config.num_labels, self.config["train_steps"],
+                                         self.config["learning_rate"], self.config["seed"])
         param = next(model.model.parameters())
         self.heads_ = heads.to(device=param.device, dtype=param.dtype)
-        report.update({"items": len(seeds), "cross_fit_folds": FOLDS,
-                       "fold_rule": "fold = item index % 2; the heads of one fold were trained on the other "
-                                    "fold's items, so every item is judged by heads that never saw its label"})
+        # 3. How good each head is on the timed inputs (evaluation only: nothing is chosen from it).
+        timed_labels = torch.tensor([y for b in self.batches_ for y in b.labels])
+        with torch.inference_mode():
+            predicted = self.heads_.all_logits(self._first_token_features(self.batches_).to(param.device)).argmax(-1)
+        report["per_layer_head_accuracy"] = (predicted.cpu() == timed_labels[:, None]).float().mean(0).tolist()
+        report["evaluated_on"] = "the timed inputs' gold labels (heads trained on the calibration split only)"
         self.training_ = report
-        # 4. The curve, measured side by side, and the operating point.
+        # 4. The curve, measured side by side on the calibration split, and the operating point chosen there.
         self.curve_ = self._measure_curve(labels.tolist())
         self.operating_point_ = self._choose_operating_point(self.curve_)
         self.rule_ = self._rule_used()
+
+    def _first_token_features(self, batches: list[Any]) -> torch.Tensor:
+        """(N, L-1, H) float32 first-token states after every intermediate layer."""
+        with torch.inference_mode():
+            features = torch.cat([torch.stack([h[:, 0] for h in self.stack_.hidden_states(b.inputs)[:-1]], dim=1)
+                                  for b in batches]).float().cpu()
+        return features.clone()  # a normal tensor: the heads train on it with autograd
 
     def _settings(self) -> list[tuple[str, float | int]]:
         """The (policy, value) settings the curve sweeps: thresholds, or patience 1 .. L-1."""
@@ -364,8 +362,8 @@ class EarlyExit(Technique):
         return [("patience", p) for p in range(1, self.stack_.num_layers)]
 
     def _measure_curve(self, labels: list[int]) -> list[dict[str, Any]]:
-        # 1. Every setting and the full model, interleaved call by call on the workload's batches.
-        batches = self.batches_
+        # 1. Every setting and the full model, interleaved call by call on the calibration batches.
+        batches = self.calibration_
         calls = {FULL: lambda i: self._full(batches[i])}
         for rule in self._settings():
             calls[f"{rule[0]}={rule[1]}"] = (lambda r: lambda i: self._call(batches[i], r))(rule)
@@ -449,8 +447,6 @@ class EarlyExit(Technique):
             hidden, mask = stack.embed(batch.inputs)  # (B, T, H)
             size = hidden.shape[0]
             rows = torch.arange(size, device=hidden.device)
-            folds = torch.tensor([self.fold_by_seed_.get(s, 0) for s in batch.seeds] or [0] * size,
-                                 device=hidden.device)
             predicted = torch.empty(size, dtype=torch.long, device=hidden.device)
             exit_layer = torch.full((size,), stack.num_layers, dtype=torch.long, device=hidden.device)
             previous = torch.full((size,), -1, dtype=torch.long, device=hidden.device)
@@ -462,7 +458,7 @@ class EarlyExit(Technique):
                     predicted[rows] = stack.head(hidden).argmax(-1)
                     break
                 # 3. This layer's exit head decides which rows stop here.
-                logits = heads.logits(index, hidden[:, 0], folds[rows])  # (b, C)
+                logits = heads.logits(index, hidden[:, 0])  # (b, C)
                 label = logits.argmax(-1)
                 if policy == "confidence":
                     leave = logits.softmax(-1).amax(-1) > value
@@ -483,6 +479,36 @@ class EarlyExit(Technique):
         return predicted.tolist(), exit_layer.tolist()
 
     # -- report ---------------------------------------------------------------------------------
+    def report(self, outcome: Outcome) -> TechniqueReport:
+        internals = self.internals(outcome.per_call)
+        metrics = [Metric("mean_layers_executed", internals["mean_layers_executed"], "layers", False,
+                          "mean layers executed"),
+                   Metric("layers_saved_percent", None if internals["layers_saved_fraction"] is None
+                          else 100.0 * internals["layers_saved_fraction"], "%", True, "layers saved", headline=False)]
+        if self.kind_ == "causal_lm":
+            ppl = self.perplexity_
+            metrics.append(Metric("continuation_perplexity_change", ppl["change"], "", False,
+                                  "perplexity of the continuation (under the full model) change"))
+        policy, value = self.rule_
+        return TechniqueReport(
+            lossless=False, model_bytes=self.quantization_["bytes_after"] if self.quantization_ else None,
+            quality=metrics, internals=internals, features=self.features(self.config, {}, None),
+            headline=f"{policy}={value}: {internals['mean_layers_executed'] or 0:.2f} of {internals['num_layers']} "
+                     "layers on average")
+
+    @classmethod
+    def features(cls, params: dict[str, Any], model: dict[str, Any], draft: dict[str, Any] | None) -> dict[str, Any]:
+        scheme = params.get("quantization")
+        threshold = params.get("threshold")
+        return {"exit_threshold": float(threshold) if threshold is not None else float("nan"),
+                "step_policy": str(params.get("policy") or cls.params["policy"].default),
+                "weight_bits": float(SCHEMES[scheme]["bits"]) if scheme else float("nan")}
+
+    @classmethod
+    def expert_rules(cls) -> list[ExpertRule]:
+        return [ExpertRule(50, "early exit for classifiers",
+                           lambda rows: rows["modality"] == "text-classification")]
+
     def internals(self, per_call: list[dict[str, Any]]) -> dict[str, Any]:
         layers = [layer for call in per_call for layer in call.get("exit_layers", [])]
         histogram: dict[int, int] = {}
@@ -506,7 +532,6 @@ class EarlyExit(Technique):
         }
         if self.quantization_:
             report["quantization"] = self.quantization_
-            report["model_bytes"] = self.quantization_["bytes_after"]
         if self.kind_ == "causal_lm":
             tokens = len(layers)
             report.update({
@@ -517,7 +542,7 @@ class EarlyExit(Technique):
                 "curve_quality": "accuracy = token agreement with the full model's greedy output",
                 "block_calls_per_token": (sum(c.get("block_calls", 0) for c in per_call) / tokens) if tokens else None,
                 "perplexity_under_full_model": self.perplexity_,
-                "selection_note": "the operating point is chosen on the same prompts it is timed on",
+                "selection_note": "the operating point is chosen on the calibration prompts, never on the timed ones",
             })
             return report
         report.update({
@@ -527,8 +552,8 @@ class EarlyExit(Technique):
             "layers_path": self.stack_.layers_path,
             "head_recipe": self.stack_.head_recipe,
             "curve_quality": "accuracy = accuracy on the workload's gold labels",
-            "selection_note": "the operating point is chosen on the same workload items it is timed on: "
-                              "heads are cross-fitted, the threshold choice is not",
+            "selection_note": "heads trained and the operating point chosen on the calibration split, "
+                              "never on the timed inputs",
         })
         return report
 
@@ -536,4 +561,4 @@ class EarlyExit(Technique):
         # Nothing was attached to the shared model (the heads live here, the backbone is only read):
         # drop the heads and the cached batches; what internals() reports stays.
         self.heads_ = None
-        self.batches_ = []
+        self.batches_, self.calibration_ = [], []

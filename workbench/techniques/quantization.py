@@ -23,7 +23,10 @@ import torch
 from workbench.measure import CallOutput
 from workbench.techniques._execute import classify, generate
 from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
-from workbench.techniques.base import Param, Technique, register
+from workbench.techniques.base import (ExpertRule, Facts, Metric, Outcome, Param, Technique, TechniqueReport, Trial,
+                                       register)
+
+WIDE_HIDDEN_SIZE = 256  # expert rule: a model this wide is matmul-bound on CPU, where int8 pays
 
 
 @register
@@ -50,8 +53,8 @@ class Quantization(Technique):
     def lossless(self) -> bool:
         return False
 
-    def why_not(self, kind: str, spec: Any) -> str | None:
-        reason = super().why_not(kind, spec)
+    def check(self, facts: Facts, spec: Any) -> str | None:
+        reason = super().check(facts, spec)
         if reason:
             return reason
         scheme = self.config["scheme"]
@@ -59,37 +62,61 @@ class Quantization(Technique):
             return f"the model already runs in {spec.dtype}: scheme {scheme!r} compares against float32, use --dtype float32"
         return why_not_scheme(scheme, spec.device)
 
-    def prepare(self, model: Any, spec: Any, draft: Any = None) -> None:
+    def prepare(self, trial: Trial) -> None:
         # 1. The quantized copy and what really changed.
-        self._model, self._spec = model, spec
+        model = trial.model
+        self._model, self._spec = model, trial.spec
         self._quantized, self._report = quantize_copy(model.model, self.config["scheme"])
-        # 2. Quality that needs both models side by side (untimed): perplexity and KL on the workload's text.
-        self._quality = _distribution_quality(model, self._quantized, spec, self.config["quality_tokens"])
+        # 2. Quality that needs both models side by side (untimed): perplexity and KL on the timed inputs' text.
+        self._quality = _distribution_quality(model, self._quantized, trial.texts, trial.spec.device,
+                                              self.config["quality_tokens"])
 
     def run(self, batch: Any) -> CallOutput:
         if self._model.kind == "causal_lm":
             return generate(self._quantized, self._model.tokenizer, batch, self._spec.workload.max_new_tokens)
         return classify(self._quantized, batch)
 
-    def internals(self, per_call: list[dict[str, Any]]) -> dict[str, Any]:
-        report = self._report
-        return {**report, "model_bytes": report["bytes_after"], "bytes_read_per_token": report["bytes_after"],
-                "compression": report["bytes_before"] / report["bytes_after"] if report["bytes_after"] else None}
+    def report(self, outcome: Outcome) -> TechniqueReport:
+        done = self._report
+        after = done["bytes_after"]
+        compression = done["bytes_before"] / after if after else None
+        internals = {**done, "compression": compression}
+        q = self._quality
+        if "perplexity_change_percent" in q:
+            metrics = [
+                Metric("perplexity_baseline", q["perplexity_baseline"], "", False, "perplexity (baseline)"),
+                Metric("perplexity_technique", q["perplexity_technique"], "", False, "perplexity"),
+                Metric("perplexity_change_percent", q["perplexity_change_percent"], "%", False, "perplexity change"),
+                Metric("next_token_kl_mean", q["next_token_kl_mean"], "nats", False, "next-token KL"),
+                Metric("quality_text_tokens", q["quality_text_tokens"], "tokens", None, "tokens scored", headline=False),
+            ]
+        else:
+            metrics = [Metric("label_kl_mean", q["label_kl_mean"], "nats", False, "label KL"),
+                       Metric("kl_inputs", q["kl_inputs"], "inputs", None, "inputs scored", headline=False)]
+        return TechniqueReport(
+            lossless=False, model_bytes=after, bytes_read_per_token=after, quality=metrics, internals=internals,
+            features=self.features(self.config, self._model.info, None),
+            headline=f"{self.config['scheme']} by {done.get('library', 'torch')}: "
+                     + (f"{compression:.2f}x smaller weights" if compression else "weights unchanged in size"))
 
-    def extra_quality(self, baseline: list[Any], technique: list[Any]) -> dict[str, Any]:
-        return dict(self._quality)
+    @classmethod
+    def features(cls, params: dict[str, Any], model: dict[str, Any], draft: dict[str, Any] | None) -> dict[str, Any]:
+        return {"weight_bits": SCHEMES[params.get("scheme") or cls.params["scheme"].default]["bits"]}
+
+    @classmethod
+    def expert_rules(cls) -> list[ExpertRule]:
+        return [ExpertRule(30, f"quantize to int8 on CPU when the model is wide (hidden size >= {WIDE_HIDDEN_SIZE})",
+                           lambda rows: (rows["device"] == "cpu") & (rows["weight_bits"] == 8)
+                           & (rows["model_hidden_size"] >= WIDE_HIDDEN_SIZE))]
 
     def release(self) -> None:
         self._quantized = None
 
 
-def _distribution_quality(model: Any, quantized: Any, spec: Any, max_tokens: int) -> dict[str, Any]:
+def _distribution_quality(model: Any, quantized: Any, texts: list[str], device: str,
+                          max_tokens: int) -> dict[str, Any]:
     """Perplexity of both models (LMs) and mean KL(original || quantized) of their output distributions."""
-    from workbench.workloads import load_workload
-
-    texts = [item.get("prompt") or item.get("text") or "" for item in load_workload(spec.workload).items]
     tokenizer = model.tokenizer
-    device = spec.device
     with torch.inference_mode():
         if model.kind == "classifier":
             enc = tokenizer([t for t in texts if t], return_tensors="pt", padding=True, truncation=True).to(device)

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +33,14 @@ from workbench.techniques._execute import generate
 from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
 from workbench.techniques._speculative_loop import (SCHEDULES, LookupDrafter, ModelDrafter, SelfDrafter,
                                                     speculative_generate, theoretical_speedup)
-from workbench.techniques.base import Param, Technique, register
+from workbench.techniques.base import (ExpertRule, Facts, Outcome, Param, Technique, TechniqueReport, Trial,
+                                       register)
+
+if TYPE_CHECKING:
+    from workbench.models.facts import ModelFacts
+
+REPETITIVE_PROMPTS = 0.2  # expert rule: prompt lookup when this share of a prompt's 3-grams repeats
+CHEAP_DRAFT_RATIO = 0.1  # expert rule: speculate when the draft has <= 1/10 of the target's parameters
 
 
 @register
@@ -44,7 +49,7 @@ class Speculative(Technique):
 
     name = "speculative"
     applies_to = ("causal_lm",)
-    needs_draft = True
+    takes_draft = True
     description = "a draft model, prompt n-grams or the target's first layers propose tokens; the target verifies them in one pass"
     examples = (
         {"model": "zoo:code-target", "draft": "zoo:code-draft", "workload": "code-prompts",
@@ -82,17 +87,17 @@ class Speculative(Technique):
     def lossless(self) -> bool:
         return not self.config["do_sample"]
 
-    # -- applicability -----------------------------------------------------------------------------
-    def why_not(self, kind: str, spec: Any) -> str | None:
-        reason = super().why_not(kind, spec)
+    # -- applicability (plan time: model facts, nothing loaded) ------------------------------------
+    def check(self, facts: Facts, spec: Any) -> str | None:
+        reason = self.check_kind(facts)
         if reason:
             return reason
-        impl = self.config["implementation"]
+        impl, target, draft = self.config["implementation"], facts.model, facts.draft
         if spec.workload.batch_size != 1:
             what = "HF assisted generation" if impl == "hf" else "the workbench loop"
             return (f"speculative decoding ({what}) runs batch size 1 only, not "
                     f"batch_size={spec.workload.batch_size}: set batch_size=1")
-        sources = [name for name, given in (("--draft", spec.technique.draft is not None),
+        sources = [name for name, given in (("--draft", draft is not None),
                                             ("prompt_lookup_num_tokens", self.config["prompt_lookup_num_tokens"]),
                                             ("draft_layers", self.config["draft_layers"])) if given]
         if not sources:
@@ -100,57 +105,21 @@ class Speculative(Technique):
                     "--param prompt_lookup_num_tokens=10, or --param draft_layers=2")
         if len(sources) > 1:
             return f"give one drafter, not {' and '.join(sources)}"
-        if self.config["draft_quantization"]:
-            if spec.technique.draft is None:
-                return "draft_quantization needs a draft model: pass --draft MODEL"
-            return why_not_scheme(self.config["draft_quantization"], spec.device)
-        return None
-
-    def why_not_located(self, model_path: Path, draft_path: Path | None) -> str | None:
-        """Checks from the files alone (configs, tokenizers, weight sizes), before any weight loads."""
         layers = self.config["draft_layers"]
-        if layers is not None:
-            total = _config_layers(model_path)
-            if total is not None and layers >= total:
-                return f"draft_layers={layers} but the target has {total} layers: use 1 to {total - 1}"
-        if draft_path is None:
-            return None
-        from transformers import AutoTokenizer
-
-        from workbench.models.loading import detect_kind
-
-        if detect_kind(draft_path) != "causal_lm":
-            return f"draft {str(draft_path)!r} is a {detect_kind(draft_path)} model: the draft must be a causal LM"
-        try:
-            same = (AutoTokenizer.from_pretrained(draft_path).get_vocab()
-                    == AutoTokenizer.from_pretrained(model_path).get_vocab())
-        except Exception:  # no tokenizer files: the loaded check decides later
-            same = True
-        if not same:
-            return (f"draft {draft_path.name!r} uses a different tokenizer from target {model_path.name!r}: "
-                    "pick a draft of the same model family (same vocabulary)")
-        draft_bytes, target_bytes = _weight_bytes(draft_path), _weight_bytes(model_path)
-        if draft_bytes and target_bytes and draft_bytes >= target_bytes:
-            return (f"draft {draft_path.name!r} ({draft_bytes / 1e6:.1f} MB of weights) is not smaller than the "
-                    f"target ({target_bytes / 1e6:.1f} MB): a draft must be much cheaper to pay off")
-        return None
-
-    def why_not_loaded(self, model: Any, draft: Any) -> str | None:
-        if draft is None:
-            return None
-        if draft.kind != "causal_lm":
-            return f"draft {draft.spec.name!r} is a {draft.kind} model: the draft must be a causal LM"
-        if draft.tokenizer.get_vocab() != model.tokenizer.get_vocab():
-            return (f"draft {draft.spec.name!r} uses a different tokenizer from target {model.spec.name!r}: "
-                    "pick a draft of the same model family (same vocabulary)")
-        if draft.info["parameters"] >= model.info["parameters"]:
-            return (f"draft {draft.spec.name!r} ({draft.info['parameters']:,} parameters) is not smaller than "
-                    f"the target ({model.info['parameters']:,}): a draft must be much cheaper to pay off")
-        return None
+        if layers is not None and target.layers is not None and layers >= target.layers:
+            return f"draft_layers={layers} but the target has {target.layers} layers: use 1 to {target.layers - 1}"
+        if self.config["draft_quantization"]:
+            if draft is None:
+                return "draft_quantization needs a draft model: pass --draft MODEL"
+            reason = why_not_scheme(self.config["draft_quantization"], spec.device)
+            if reason:
+                return reason
+        return None if draft is None else _check_draft(target, draft)
 
     # -- execution ---------------------------------------------------------------------------------
-    def prepare(self, model: Any, spec: Any, draft: Any = None) -> None:
+    def prepare(self, trial: Trial) -> None:
         # 1. Keep everything we may change, so release() can put it back whatever happens in between.
+        model, spec, draft = trial.model, trial.spec, trial.draft
         self._model, self._spec, self._draft = model, spec, draft
         self._saved = [(model.model, copy.deepcopy(model.model.config), copy.deepcopy(model.model.generation_config))]
         if draft is not None:
@@ -231,7 +200,20 @@ class Speculative(Technique):
         return out
 
     # -- what it did -------------------------------------------------------------------------------
-    def internals(self, per_call: list[dict[str, Any]]) -> dict[str, Any]:
+    def report(self, outcome: Outcome) -> TechniqueReport:
+        internals = self._internals(outcome.per_call)
+        rate, predicted = internals.get("acceptance_rate"), internals.get("predicted_speedup")
+        headline = (f"{internals['draft_source']}: {internals['tokens_per_target_pass'] or 0:.2f} tokens per target pass"
+                    + (f", acceptance {rate:.0%}" if rate is not None else "")
+                    + (f", theory predicts {predicted:.2f}x" if predicted is not None else ""))
+        # weights held: the target, plus a separate draft model (self-speculation shares the target's layers)
+        held = self._model.info["model_bytes"] + (self._draft_bytes if self._draft is not None else 0)
+        return TechniqueReport(
+            lossless=self.lossless, model_bytes=held,
+            bytes_read_per_token=internals["bytes_read_per_token"], internals=internals, headline=headline,
+            features=self.features(self.config, self._model.info, None if self._draft is None else self._draft.info))
+
+    def _internals(self, per_call: list[dict[str, Any]]) -> dict[str, Any]:
         cfg = self.config
         source = (self._draft.spec.name if self._draft is not None
                   else f"target's first {cfg['draft_layers']} layers" if cfg["draft_layers"] is not None
@@ -254,6 +236,36 @@ class Speculative(Technique):
             return {"implementation": "transformers assisted generation", **common,
                     "accepted_per_draft_pass": (accepted / draft) if draft else None}
         return {"implementation": "workbench loop", **common, **_loop_figures(per_call)}
+
+    # -- for the meta-learner ---------------------------------------------------------------------
+    @classmethod
+    def features(cls, params: dict[str, Any], model: dict[str, Any], draft: dict[str, Any] | None) -> dict[str, Any]:
+        lookup = params.get("prompt_lookup_num_tokens")
+        ratio = float("nan")
+        if draft is not None and draft.get("parameters") and model.get("parameters"):
+            ratio = float(draft["parameters"]) / float(model["parameters"])
+        elif params.get("draft_layers") and model.get("layers"):
+            ratio = float(params["draft_layers"]) / float(model["layers"])
+        elif lookup:
+            ratio = 0.0  # n-gram lookup costs (almost) nothing
+        scheme = params.get("draft_quantization")
+        return {
+            "draft_tokens": float("nan") if lookup else float(params.get("num_assistant_tokens")
+                                                              or cls.params["num_assistant_tokens"].default),
+            "prompt_lookup_tokens": float(lookup) if lookup else float("nan"),
+            "weight_bits": float(SCHEMES[scheme]["bits"]) if scheme else float("nan"),
+            "draft_cost_ratio": ratio,
+        }
+
+    @classmethod
+    def expert_rules(cls) -> list[ExpertRule]:
+        return [
+            ExpertRule(10, f"prompt lookup when the prompts are repetitive (>= {REPETITIVE_PROMPTS:.0%} of 3-grams repeat)",
+                       lambda rows: (rows["prompt_lookup_tokens"] > 0)
+                       & (rows["prompt_repeated_3gram_fraction"] >= REPETITIVE_PROMPTS)),
+            ExpertRule(20, f"speculate with a draft model when it costs <= {CHEAP_DRAFT_RATIO:g} of the target",
+                       lambda rows: rows["draft"].notna() & (rows["draft_cost_ratio"] <= CHEAP_DRAFT_RATIO)),
+        ]
 
     def release(self) -> None:
         for module, config, generation_config in getattr(self, "_saved", []):
@@ -317,13 +329,14 @@ def _restore(current: Any, saved: Any) -> None:
     current.__dict__.update(copy.deepcopy(saved).__dict__)
 
 
-def _config_layers(path: Path) -> int | None:
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
+def _check_draft(target: ModelFacts, draft: ModelFacts) -> str | None:
+    """A draft must be a causal LM with the target's tokenizer, and smaller than the target."""
+    if draft.kind != "causal_lm":
+        return f"draft {draft.name!r} is a {draft.kind} model: the draft must be a causal LM"
+    if draft.tokenizer_digest != target.tokenizer_digest:
+        return (f"draft {draft.name!r} uses a different tokenizer from target {target.name!r}: "
+                "pick a draft of the same model family (same vocabulary)")
+    if draft.parameters and target.parameters and draft.parameters >= target.parameters:
+        return (f"draft {draft.name!r} ({draft.parameters:,} parameters) is not smaller than the target "
+                f"({target.parameters:,}): a draft must be much cheaper to pay off")
     return None
-
-
-def _weight_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))

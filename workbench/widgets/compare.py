@@ -167,7 +167,7 @@ class ComparePanel:
         cls = techniques.get(change["new"])
         self.param_widgets = {name: param_widget(name, p) for name, p in cls.params.items()}
         self.params_box.children = [W.HTML(f"<i>{html.escape(cls.description)}</i>"), *self.param_widgets.values()]
-        self.draft.layout.display = None if cls.needs_draft else "none"
+        self.draft.layout.display = None if cls.takes_draft else "none"
 
     def params(self) -> dict[str, Any]:
         """The chosen technique's parameters that differ from their defaults."""
@@ -182,8 +182,8 @@ class ComparePanel:
         from workbench import techniques
         from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 
-        needs_draft = techniques.get(self.technique.value).needs_draft
-        draft = ModelSpec(self.draft.value.strip()) if needs_draft and self.draft.value.strip() else None
+        takes_draft = techniques.get(self.technique.value).takes_draft
+        draft = ModelSpec(self.draft.value.strip()) if takes_draft and self.draft.value.strip() else None
         return RunSpec(
             model=ModelSpec(self.model.value.strip()),
             workload=WorkloadSpec(self.workload.value.strip(), max_items=self.max_items.value,
@@ -250,12 +250,12 @@ class ComparePanel:
         from workbench.worker import IsolatedRun
 
         # 1. Validate cheaply in the kernel (a clear error, nothing stored), then start the worker.
-        runner.plan(spec)
+        planned = runner.plan(spec)
         with self._lock:
             if self._stop_requested:
                 self.status.value = "stopped before the worker started"
                 return
-            self.job = job = IsolatedRun(spec, self.limits)
+            self.job = job = IsolatedRun(planned, self.limits)
         # 2. Poll: move the progress bar with the elapsed time until the row comes back.
         while (row := job.poll()) is None:
             self.progress.value = self._progress_fraction(job)
@@ -308,7 +308,7 @@ class ComparePanel:
         self.table.value = (
             table_html(run_table(result), "workbench-run-table")
             + f"<p>speedup {html.escape(format_speedup(result.comparison))}; "
-              f"quality: {html.escape(quality_text(result.quality))}</p>"
+              f"quality: {html.escape(quality_text(result.quality, result.quality_metrics))}</p>"
             + (f"<pre>{html.escape(chr(10).join(lines))}</pre>" if lines else ""))
         show(self.output, *[figure_bundle(f) for f in self.figures.values()], clear=True)
 

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import plotly.graph_objects as go
@@ -31,17 +30,8 @@ AGREEMENT_KEYS: tuple[str, ...] = ("exact_match_rate", "token_agreement", "agree
 def result_from_row(row: dict[str, Any]) -> Any:
     """A :class:`~workbench.runner.RunResult` from a store row (as the worker sends it or ``Store.get`` returns)."""
     from workbench.runner import RunResult
-    from workbench.specs import RunSpec
 
-    created = row.get("created_at")
-    if isinstance(created, str):
-        created = dt.datetime.fromisoformat(created)
-    extra = {"created_at": created} if created is not None else {}
-    return RunResult(spec=RunSpec.from_dict(row["spec"]), status=row["status"],
-                     failure_reason=row.get("failure_reason"), summary=row.get("summary") or {},
-                     samples=row.get("samples") or {}, quality=row.get("quality") or {},
-                     internals=row.get("internals") or {}, outputs=row.get("outputs") or [],
-                     environment=row.get("environment") or {}, run_id=row["run_id"], **extra)
+    return RunResult.from_row(row)
 
 
 def latency_figure(result: Any) -> go.Figure | None:
@@ -96,7 +86,8 @@ def memory_figure(result: Any) -> go.Figure | None:
     names = list(variants)
     fig = go.Figure()
     for key, label in (("peak_memory_bytes", "peak memory (MB)"), ("model_bytes", "model size (MB)")):
-        values = [variants[n].get(key) for n in names]
+        values = [(variants[n] if key == "peak_memory_bytes" else result.resources.get(n) or {}).get(key)
+                  for n in names]
         if any(v is not None for v in values):
             fig.add_trace(go.Bar(x=names, y=[None if v is None else v / 1e6 for v in values], name=label))
     if not fig.data:
