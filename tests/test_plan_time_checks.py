@@ -112,7 +112,7 @@ def test_run_exits_2_and_a_sweep_stores_skipped_rows_that_resume_never_retries(
 models: ["{llama_folder}", zoo:code-target]
 workloads: [{{name: code-prompts, max_items: 2, max_new_tokens: 4}}]
 techniques:
-  - early_exit
+  - {{name: early_exit, params: {{thresholds: "0.5", curve_repeats: 1}}}}
   - {{name: speculative, draft: "{other_tokenizer_draft}", params: {{num_assistant_tokens: 2}}}}
 repeats: 1
 """)

@@ -99,42 +99,40 @@ def test_two_writers_and_a_reader_lose_and_duplicate_nothing(tmp_path: Path, att
     assert report["last"] == 2 * ROWS_PER_WRITER and report["reads"] >= 1
 
 
-def test_an_older_store_is_migrated_forward_and_keeps_its_rows(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite"
+def _older_store(path: Path, version: int, spec_key: str) -> None:
+    """A store as the release of schema ``version`` wrote it, with one row: 2 had no report columns,
+    1 not the (spec_key, status) index either."""
+    from workbench.store import COLUMNS_ADDED
+
     store = Store(f"sqlite:///{path}")
-    store.append({"spec_key": "k", "status": "ok", "model": "m", "workload": "w", "technique": "baseline",
+    store.append({"spec_key": spec_key, "status": "ok", "model": "m", "workload": "w", "technique": "baseline",
                   "device": "cpu", "dtype": "float32", "seed": 0, "repeats": 1, "warmup": 0})
     store.close()
-    # Make it a schema-1 store, as the first release wrote it: no (spec_key, status) index.
     with sqlite3.connect(path) as conn:
-        conn.execute("DROP INDEX ix_runs_spec_key_status")
-        conn.execute("UPDATE workbench_meta SET value = '1' WHERE key = 'schema_version'")
+        for name in COLUMNS_ADDED[3]:
+            conn.execute(f"ALTER TABLE runs DROP COLUMN {name}")
+        if version < 2:
+            conn.execute("DROP INDEX ix_runs_spec_key_status")
+        conn.execute(f"UPDATE workbench_meta SET value = '{version}' WHERE key = 'schema_version'")
     conn.close()
 
+
+def test_an_older_store_is_migrated_forward_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    _older_store(path, 1, "k")
     reopened = Store(f"sqlite:///{path}")
     assert reopened.schema_version() == SCHEMA_VERSION == 3
     assert reopened.count() == 1 and reopened.has_ok_run("k")
     with sqlite3.connect(path) as conn:
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(runs)")}
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
     conn.close()
-    assert "ix_runs_spec_key_status" in indexes
+    assert "ix_runs_spec_key_status" in indexes and {"lossless", "quality_metrics", "model_digest"} <= columns
 
 
 def test_a_schema_2_store_gains_the_report_columns_and_keeps_its_rows(tmp_path: Path) -> None:
-    from workbench.store import COLUMNS_ADDED
-
     path = tmp_path / "v2.sqlite"
-    store = Store(f"sqlite:///{path}")
-    store.append({"spec_key": "old", "status": "ok", "model": "m", "workload": "w", "technique": "baseline",
-                  "device": "cpu", "dtype": "float32", "seed": 0, "repeats": 1, "warmup": 0})
-    store.close()
-    # Make it a schema-2 store, as the release before the typed report wrote it: no report columns.
-    with sqlite3.connect(path) as conn:
-        for name in COLUMNS_ADDED[3]:
-            conn.execute(f"ALTER TABLE runs DROP COLUMN {name}")
-        conn.execute("UPDATE workbench_meta SET value = '2' WHERE key = 'schema_version'")
-    conn.close()
-
+    _older_store(path, 2, "old")
     reopened = Store(f"sqlite:///{path}")
     assert reopened.schema_version() == 3
     reopened.append({"spec_key": "new", "status": "ok", "model": "m", "workload": "w", "technique": "baseline",

@@ -12,6 +12,9 @@ import torch
 
 from workbench import datasets
 from workbench.models import zoo
+from workbench.models.zoo import build as zoo_build
+from workbench.models.zoo import catalogue as zoo_catalogue
+from workbench.models.zoo import trainers as zoo_trainers
 from workbench.models.digits import DigitJudge, DigitsPipeline
 
 
@@ -172,11 +175,12 @@ def test_force_rebuilds_the_model_and_its_dependents(data_root, tmp_path):
 
 
 def test_failed_build_leaves_nothing_that_looks_finished(tmp_path):
-    ctx = zoo._BuildContext(quick=True, seed=0, root=tmp_path, progress=False, recipes=zoo._recipes(True))
+    ctx = zoo_build._BuildContext(quick=True, seed=0, root=tmp_path, progress=False,
+                                  recipes=zoo_catalogue._recipes(True))
     bad = zoo.LMRecipe(n_layer=3, n_embd=16, n_head=2, steps=1, grow_from=2)  # 3 is no multiple of 2
     ctx.recipes["code-target"] = bad
     with pytest.raises(ValueError, match="multiple"):
-        zoo._build_one("code-target", ctx, deps={})
+        zoo_build._build_one("code-target", ctx, deps={})
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(zoo.ZooError, match="not built"):
         zoo.model_dir("code-target", tmp_path)
@@ -199,12 +203,12 @@ def test_unknown_and_missing_names_explain_the_fix(tmp_path):
 def test_up_to_date_rules():
     rec = zoo.ZooRecord(name="digits-judge", kind="judge", path="/x", quick=False, seed=0, description="",
                         data="", steps=1, final_loss=0.0, train_seconds=1.0, parameter_count=1, bytes=1)
-    assert zoo._up_to_date(rec, quick=False, seed=0, deps={})
-    assert zoo._up_to_date(rec, quick=True, seed=0, deps={})  # a full model serves a quick request
-    assert not zoo._up_to_date(rec, quick=False, seed=1, deps={})
-    assert not zoo._up_to_date(rec, quick=False, seed=0, deps={"digits-judge": "another build"})
+    assert zoo_build._up_to_date(rec, quick=False, seed=0, deps={})
+    assert zoo_build._up_to_date(rec, quick=True, seed=0, deps={})  # a full model serves a quick request
+    assert not zoo_build._up_to_date(rec, quick=False, seed=1, deps={})
+    assert not zoo_build._up_to_date(rec, quick=False, seed=0, deps={"digits-judge": "another build"})
     quick_rec = zoo.ZooRecord(**{**rec.to_dict(), "quick": True})
-    assert not zoo._up_to_date(quick_rec, quick=False, seed=0, deps={})  # a full request replaces it
+    assert not zoo_build._up_to_date(quick_rec, quick=False, seed=0, deps={})  # a full request replaces it
 
 
 def test_depth_growth_preserves_the_function():
@@ -212,7 +216,7 @@ def test_depth_growth_preserves_the_function():
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
-    grown = zoo._grow_depth(model, 6).eval()
+    grown = zoo_trainers._grow_depth(model, 6).eval()
     assert grown.config.n_layer == 6
     ids = torch.randint(0, 50, (2, 10))
     with torch.no_grad():

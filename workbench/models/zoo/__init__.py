@@ -1,0 +1,49 @@
+"""The offline tiny model zoo: six small real models trained locally, no network needed.
+
+| name               | kind        | what it is                                                        |
+|--------------------|-------------|-------------------------------------------------------------------|
+| ``code-target``    | causal_lm   | deep GPT-2 on stdlib code; the slow model speculative decoding speeds up |
+| ``code-draft``     | causal_lm   | 1-layer GPT-2, same tokenizer, distilled from the target          |
+| ``code-wide``      | causal_lm   | 2-layer x 512 GPT-2, same tokenizer: matmul-bound, int8 pays here |
+| ``code-classifier``| classifier  | BERT: code snippet -> stdlib package area (early exit has layers) |
+| ``digits-diffusion``| diffusion  | class-conditional UNet2DModel + DDIM, 8x8 digits                   |
+| ``digits-judge``   | judge       | CNN that says which digit an 8x8 image shows                      |
+
+Three more are built only when named (``workbench zoo build --extra``, or ``build(names=[...])``): siblings
+that give the meta-learner's seed data more than one model of each shape, so that leaving one model out
+still leaves a similar one to learn from:
+
+| name                    | kind       | what it is                                                    |
+|-------------------------|------------|---------------------------------------------------------------|
+| ``code-tall``           | causal_lm  | 12-layer x 96 GPT-2 (deep and narrow, like ``code-target``)    |
+| ``code-mid``            | causal_lm  | 4-layer x 320 GPT-2 (between ``code-target`` and ``code-wide``) |
+| ``code-classifier-deep``| classifier | 8-layer x 48 BERT snippet classifier                            |
+
+Each model lives in ``<root>/<name>/`` with the files its library expects (``save_pretrained``,
+safetensors only) and ``workbench_zoo.json`` (a :class:`ZooRecord`). Language models and the
+classifier load with ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` and
+``AutoTokenizer``; the diffusion folder with :meth:`DigitsPipeline.from_pretrained`; the judge with
+:meth:`DigitJudge.from_pretrained`.
+
+Example:
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from workbench.models import zoo
+    >>> records = zoo.build(quick=True)  # doctest: +SKIP
+    >>> path = zoo.model_dir("code-target")  # doctest: +SKIP
+    >>> model = AutoModelForCausalLM.from_pretrained(path)  # doctest: +SKIP
+    >>> tokenizer = AutoTokenizer.from_pretrained(path)  # doctest: +SKIP
+
+The package's modules: ``catalogue`` (the models, their records and recipes), ``build`` (what is up to
+date, the atomic build of each model) and ``trainers`` (how each model is trained).
+"""
+
+from __future__ import annotations
+
+from workbench.models.zoo.build import build, list_models, model_dir, record
+from workbench.models.zoo.catalogue import (DEFAULT_NAMES, DEFAULT_SEED, EXTRA_NAMES, FORMAT_VERSION, METADATA_FILE,
+                                            MODELS, ZOO_NAMES, ClassifierRecipe, LMRecipe, TokenizerRecipe, ZooError,
+                                            ZooModel, ZooRecord)
+
+__all__ = ["DEFAULT_NAMES", "DEFAULT_SEED", "EXTRA_NAMES", "FORMAT_VERSION", "METADATA_FILE", "MODELS", "ZOO_NAMES",
+           "ClassifierRecipe", "LMRecipe", "TokenizerRecipe", "ZooError", "ZooModel", "ZooRecord", "build",
+           "list_models", "model_dir", "record"]
