@@ -118,7 +118,7 @@ def test_curve_and_operating_point(classifier):
     assert report["threshold_used"] == chosen["threshold"]  # threshold unset: the operating point's
     assert sum(report["exit_layer_histogram"].values()) == 8
     training = report["heads_training"]
-    assert training["items"] == 8 and training["steps"] == 40
+    assert training["items"] == 4 and training["curve_items"] == 4 and training["steps"] == 40  # two halves
     assert len(training["per_layer_head_accuracy"]) == 3 and len(training["per_layer_train_accuracy"]) == 3
 
 
@@ -128,7 +128,10 @@ def test_heads_and_the_operating_point_never_see_the_timed_inputs(classifier, tm
     timed = {text for batch in technique.batches_ for text in batch.texts}
     calibration = {text for batch in technique.calibration_ for text in batch.texts}
     assert len(calibration) == 8 and not timed & calibration
-    assert technique.training_["items"] == len(calibration)
+    heads = {text for batch in technique.head_batches_ for text in batch.texts}
+    curve = {text for batch in technique.curve_batches_ for text in batch.texts}
+    assert heads | curve == calibration and not heads & curve  # heads fitted on one half, threshold chosen on the other
+    assert technique.training_["items"] == len(heads) == 4
     spec = classifier_spec()
     assert technique.report(Outcome([], [], [], {})).lossless is False  # typed report, lossy
     # a file whose every line is timed leaves nothing to calibrate on: refused at plan time

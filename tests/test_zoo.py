@@ -12,7 +12,7 @@ import torch
 
 from workbench import datasets
 from workbench.models import zoo
-from workbench.models.zoo import build as zoo_build
+from workbench.models.zoo import builder as zoo_build
 from workbench.models.zoo import catalogue as zoo_catalogue
 from workbench.models.zoo import trainers as zoo_trainers
 from workbench.models.digits import DigitJudge, DigitsPipeline

@@ -111,9 +111,10 @@ CALIBRATION_SEED_OFFSET = 50_021  # calibration inputs' seeds start this far fro
 def load_calibration(spec: WorkloadSpec, timed: Workload) -> Workload:
     """A calibration split of the same workload that shares no input with ``timed``, as large as it.
 
-    Built-ins draw it from data the timed inputs never use: other held-out prompts (code-prompts),
-    the training files (code-snippets), the same classes with other seeds (digits, whose batches get
-    seeds offset by ``CALIBRATION_SEED_OFFSET``). A JSONL file gives the lines after ``max_items``;
+    Built-ins draw it from the timed inputs' own distribution, minus the timed inputs: other held-out
+    prompts (code-prompts), other snippets of the held-out files (code-snippets: never the files the zoo
+    classifier was trained on, whose accuracy would flatter every choice made on them), the same classes
+    with other seeds (digits, whose batches get seeds offset by ``CALIBRATION_SEED_OFFSET``). A JSONL file gives the lines after ``max_items``;
     when the file has none to spare, the split is empty and a technique that needs one says so.
     """
     wanted = len(timed.items)
@@ -124,9 +125,7 @@ def load_calibration(spec: WorkloadSpec, timed: Workload) -> Workload:
         pool = datasets.code_prompts(min(2 * wanted, _prompt_pool_size(spec.seed)), seed=spec.seed)
         items = [{"prompt": p} for p in pool if p not in taken][:wanted]
     elif spec.name == "code-snippets":
-        from workbench import datasets
-
-        items = [{"text": t, "label": y} for t, y in datasets.code_snippets("train", n=wanted, seed=spec.seed)]
+        items = _other_snippets(timed, wanted, spec.seed)
     elif spec.name in BUILTIN:
         items = list(timed.items)  # digits: the same classes; their batches get other seeds
     else:
@@ -134,6 +133,20 @@ def load_calibration(spec: WorkloadSpec, timed: Workload) -> Workload:
         items = [] if start is None else read_jsonl(Path(spec.name).expanduser())[start:start + wanted]
     return Workload(timed.name, timed.modality, items, f"calibration split of {timed.name} ({len(items)} inputs, "
                     "none of them timed)")
+
+
+def _other_snippets(timed: Workload, wanted: int, seed: int) -> list[dict[str, Any]]:
+    """Held-out snippets that are not among the timed ones (as many as the held-out files offer)."""
+    from workbench import datasets
+
+    taken = {item["text"] for item in timed.items}
+    for pool_size in (2 * wanted + 16, wanted + 16):
+        try:
+            pool = datasets.code_snippets("test", n=pool_size, seed=seed)
+        except ValueError:  # the held-out files offer fewer distinct snippets
+            continue
+        return [{"text": t, "label": y} for t, y in pool if t not in taken][:wanted]
+    return []
 
 
 def _prompt_pool_size(seed: int) -> int:

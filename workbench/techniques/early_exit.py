@@ -3,13 +3,13 @@
 Classifiers (DeeBERT / PABEE style): one small linear exit head per intermediate layer reads the
 first token's hidden state; the last layer always uses the model's own head, so a threshold that never
 exits reproduces the model's predictions exactly. The heads are trained in :meth:`EarlyExit.prepare`
-on the trial's *calibration* split (labelled inputs of the same workload that are never timed) with the
-backbone frozen; their per-layer accuracy is then reported on the timed inputs' labels. A row that exits
+on one half of the trial's *calibration* split (labelled inputs of the same workload that are never
+timed) with the backbone frozen; their per-layer accuracy is then reported on the timed inputs' labels. A row that exits
 leaves the batch at that layer, so the remaining layers run on fewer rows.
 
 Policies: ``confidence`` exits at the first layer whose exit head's top softmax probability exceeds
 ``threshold``; ``patience`` (PABEE) exits once ``patience`` consecutive layers predict the same label.
-:meth:`prepare` also measures a threshold curve side by side on the calibration split (every threshold
+:meth:`prepare` also measures a threshold curve side by side on the other half (every threshold
 and the full model interleaved: accuracy, mean layers executed, latency, speedup) and picks the
 operating point there: the fastest setting that loses at most ``max_accuracy_drop_points`` of accuracy
 against the full model. Nothing is chosen on the inputs that are timed.
@@ -181,6 +181,14 @@ def calm_generate(stack: DecoderStack, input_ids: torch.Tensor, max_new_tokens: 
     return {"tokens": tokens, "exit_layers": exits, "first_output_at": first_output_at, "block_calls": block_calls}
 
 
+def _halves(batches: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Alternate batches into two disjoint halves; one batch cannot be split and serves both (said so
+    in the heads' report by ``curve_items`` equal to ``items``)."""
+    if len(batches) < 2:
+        return batches, batches
+    return batches[0::2], batches[1::2]
+
+
 def continuation_nll(model: nn.Module, prompt_ids: torch.Tensor, continuation: list[int]) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) of ``continuation`` after ``prompt_ids`` (1, T) under ``model``."""
     if not continuation:
@@ -298,7 +306,7 @@ class EarlyExit(Technique):
         # the operating point chosen there.
         if any(b.size != 1 for b in self.batches_ + self.calibration_):
             raise NotApplicableError("early_exit on causal LMs decodes batch size 1 only: set batch_size=1")
-        self.curve_ = self._measure_curve([])
+        self.curve_ = self._measure_curve(self.calibration_, [])
         self.operating_point_ = self._choose_operating_point(self.curve_)
         self.rule_ = self._rule_used()
         # 3. Perplexity of both continuations of the timed prompts under the full model, at the threshold used.
@@ -328,10 +336,11 @@ class EarlyExit(Technique):
         if not self.stack_.reproduces(self.batches_[0].inputs):
             raise NotApplicableError(f"early_exit could not reproduce {type(model.model).__name__}'s logits "
                                      "layer by layer on the padded workload inputs: not supported yet")
-        # 2. Frozen features of the calibration split: the first token's state after every intermediate layer.
-        calibration = self.calibration_
-        labels = torch.tensor([y for b in calibration for y in b.labels])
-        heads, report = train_exit_heads(self._first_token_features(calibration), labels,
+        # 2. The calibration split in two halves (alternate batches): the heads train on one, the curve is
+        # measured on the other, so the threshold is not chosen on the items the heads were fitted to.
+        self.head_batches_, self.curve_batches_ = _halves(self.calibration_)
+        labels = torch.tensor([y for b in self.head_batches_ for y in b.labels])
+        heads, report = train_exit_heads(self._first_token_features(self.head_batches_), labels,
                                          model.model.config.num_labels, self.config["train_steps"],
                                          self.config["learning_rate"], self.config["seed"])
         param = next(model.model.parameters())
@@ -343,8 +352,9 @@ class EarlyExit(Technique):
         report["per_layer_head_accuracy"] = (predicted.cpu() == timed_labels[:, None]).float().mean(0).tolist()
         report["evaluated_on"] = "the timed inputs' gold labels (heads trained on the calibration split only)"
         self.training_ = report
-        # 4. The curve, measured side by side on the calibration split, and the operating point chosen there.
-        self.curve_ = self._measure_curve(labels.tolist())
+        # 4. The curve, measured side by side on the other half, and the operating point chosen there.
+        report["curve_items"] = sum(b.size for b in self.curve_batches_)
+        self.curve_ = self._measure_curve(self.curve_batches_, [y for b in self.curve_batches_ for y in b.labels])
         self.operating_point_ = self._choose_operating_point(self.curve_)
         self.rule_ = self._rule_used()
 
@@ -361,9 +371,8 @@ class EarlyExit(Technique):
             return [("confidence", t) for t in sorted({*self.thresholds_, 1.0})]
         return [("patience", p) for p in range(1, self.stack_.num_layers)]
 
-    def _measure_curve(self, labels: list[int]) -> list[dict[str, Any]]:
-        # 1. Every setting and the full model, interleaved call by call on the calibration batches.
-        batches = self.calibration_
+    def _measure_curve(self, batches: list[Any], labels: list[int]) -> list[dict[str, Any]]:
+        # 1. Every setting and the full model, interleaved call by call on calibration batches.
         calls = {FULL: lambda i: self._full(batches[i])}
         for rule in self._settings():
             calls[f"{rule[0]}={rule[1]}"] = (lambda r: lambda i: self._call(batches[i], r))(rule)
@@ -552,8 +561,8 @@ class EarlyExit(Technique):
             "layers_path": self.stack_.layers_path,
             "head_recipe": self.stack_.head_recipe,
             "curve_quality": "accuracy = accuracy on the workload's gold labels",
-            "selection_note": "heads trained and the operating point chosen on the calibration split, "
-                              "never on the timed inputs",
+            "selection_note": "heads trained on one half of the calibration split, the operating point "
+                              "chosen on the other half, never on the timed inputs",
         })
         return report
 

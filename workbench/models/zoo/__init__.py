@@ -33,13 +33,13 @@ Example:
     >>> model = AutoModelForCausalLM.from_pretrained(path)  # doctest: +SKIP
     >>> tokenizer = AutoTokenizer.from_pretrained(path)  # doctest: +SKIP
 
-The package's modules: ``catalogue`` (the models, their records and recipes), ``build`` (what is up to
+The package's modules: ``catalogue`` (the models, their records and recipes), ``builder`` (what is up to
 date, the atomic build of each model) and ``trainers`` (how each model is trained).
 """
 
 from __future__ import annotations
 
-from workbench.models.zoo.build import build, list_models, model_dir, record
+from workbench.models.zoo.builder import build, list_models, model_dir, record
 from workbench.models.zoo.catalogue import (DEFAULT_NAMES, DEFAULT_SEED, EXTRA_NAMES, FORMAT_VERSION, METADATA_FILE,
                                             MODELS, ZOO_NAMES, ClassifierRecipe, LMRecipe, TokenizerRecipe, ZooError,
                                             ZooModel, ZooRecord)
