@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 import pandas as pd
@@ -63,15 +64,37 @@ def standard_quality_text(quality: dict[str, Any]) -> str:
     return ""
 
 
+def metric_text(metric: dict[str, Any]) -> str:
+    """'label value unit' of one stored :class:`~workbench.techniques.base.Metric`, signed for changes.
+
+    Example:
+        >>> metric_text({"name": "perplexity_change_percent", "value": 0.4, "unit": "%"})
+        'perplexity change +0.4 %'
+    """
+    label = metric.get("label") or _label_of(metric["name"])
+    value = metric.get("value")
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return f"{label} n/a"
+    signed = "change" in metric["name"] or "drop" in metric["name"]
+    number = f"{value:+.3g}" if signed else f"{value:.4g}"
+    return f"{label} {number} {metric.get('unit', '')}".rstrip()
+
+
+def _label_of(name: str) -> str:
+    """A metric's name without its unit suffix, as words."""
+    words = name.split("_")
+    while words and words[-1] in ("percent", "points", "db", "nats", "steps", "bytes", "s", "mean"):
+        words.pop()
+    return " ".join(words or name.split("_"))
+
+
 def metric_texts(metrics: list[dict[str, Any]] | None, quality: dict[str, Any] | None = None) -> list[str]:
     """'label value unit' for each headline metric a technique reported (or, for a run stored before
     typed metrics, for each known figure in its quality)."""
-    from workbench.techniques.base import Metric
-
     if metrics:
-        return [Metric(**m).text() for m in metrics if m.get("headline", True)]
-    return [Metric(key, quality[key], unit, None, label).text() for key, (label, unit) in LEGACY_METRICS.items()
-            if isinstance((quality or {}).get(key), (int, float))]
+        return [metric_text(m) for m in metrics if m.get("headline", True)]
+    return [metric_text({"name": key, "value": quality[key], "unit": unit, "label": label})
+            for key, (label, unit) in LEGACY_METRICS.items() if isinstance((quality or {}).get(key), (int, float))]
 
 
 def quality_text(quality: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> str:

@@ -39,7 +39,6 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
-import math
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -163,24 +162,13 @@ class Metric:
     headline: bool = True  # shown in the one-line quality text (False: tables and details only)
 
     def text(self) -> str:
-        """'label value unit', signed for changes."""
-        label = self.label or _label_of(self.name)
-        value = self.value
-        if value is None or (isinstance(value, float) and not math.isfinite(value)):
-            return f"{label} n/a"
-        signed = "change" in self.name or "drop" in self.name
-        number = f"{value:+.3g}" if signed else f"{value:.4g}"
-        return f"{label} {number} {self.unit}".rstrip()
+        """'label value unit', signed for changes (see :func:`workbench.display.metric_text`)."""
+        from workbench.display import metric_text
+
+        return metric_text(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _label_of(name: str) -> str:
-    words = name.split("_")
-    while words and words[-1] in ("percent", "points", "db", "nats", "steps", "bytes", "s", "mean"):
-        words.pop()
-    return " ".join(words or name.split("_"))
 
 
 @dataclass
