@@ -16,9 +16,10 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from workbench.errors import NotApplicableError
 from workbench.models.loading import load_model
-from workbench.runner import build_trial, execute, plan
+from workbench.runner import build_trial, execute, plan, run
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.techniques._speculative_loop import (LookupDrafter, ModelDrafter, SelfDrafter, _crop,
+                                                    expected_tokens_per_round, measure_step_costs,
                                                     speculative_generate, theoretical_speedup)
 from workbench.techniques.speculative import Speculative
 from workbench.workloads import Batch
@@ -154,6 +155,27 @@ def test_theoretical_speedup_matches_the_paper_limits():
     assert theoretical_speedup(0.5, 3, 0.5) < 1.0  # a costly, poor draft slows decoding down
 
 
+def test_theoretical_speedup_with_a_measured_verification_cost():
+    # SmolLM2 on CPU: a 5-token verification pass 70 ms, a one-token step 52 ms, so v = 70/52, not 1.
+    # a = 0.8, g = 4: (1 - 0.8^5) / 0.2 = 3.3616 tokens per round, for 4 x 0.1 + 70/52 steps.
+    assert theoretical_speedup(0.8, 4, 0.1, verify_cost_ratio=70 / 52) == pytest.approx(3.3616 / (0.4 + 70 / 52))
+    assert theoretical_speedup(0.8, 4, 0.1, verify_cost_ratio=1.0) == theoretical_speedup(0.8, 4, 0.1)
+    # everything accepted, free draft, but verifying 5 tokens costs 5 steps: no gain left
+    assert theoretical_speedup(1.0, 4, 0.0, verify_cost_ratio=5.0) == pytest.approx(1.0)
+    assert expected_tokens_per_round(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    with pytest.raises(ValueError, match="verify_cost_ratio=0"):
+        theoretical_speedup(0.5, 4, 0.1, verify_cost_ratio=0)
+
+
+def test_step_costs_time_both_passes_on_one_context(pair):
+    target, _ = pair
+    ids = target.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    costs = measure_step_costs(target.model, ids, verify_tokens=5, repeats=4, warmup=1)
+    assert costs.context_tokens == ids.shape[1] and costs.verify_tokens == 5 and costs.repeats == 4
+    assert costs.one_token_step_s > 0 and costs.verify_pass_s > 0
+    assert costs.to_dict()["verify_cost_ratio"] == pytest.approx(costs.verify_pass_s / costs.one_token_step_s)
+
+
 # ----------------------------------------------------------------------------------------------
 # Applicability: one clear line, before any weight loads
 
@@ -240,6 +262,16 @@ def _check_report(report: dict) -> None:
     assert all(0 <= p["accepted"] <= p["proposed"] for p in positions)
     assert tech["predicted_speedup"] > 0 and report["speedup"] > 0
     assert 0 <= tech["acceptance_rate"] <= 1 and tech["cost_ratio_c"] > 0
+    # the prediction is the formula on the reported, measured inputs: c and v over a one-token step
+    assert tech["one_token_step_s"] > 0 and tech["verify_pass_s"] > 0 and tech["verify_pass_tokens"] == 5
+    assert tech["verify_cost_ratio"] == pytest.approx(tech["verify_pass_s"] / tech["one_token_step_s"])
+    assert tech["predicted_speedup"] == pytest.approx(theoretical_speedup(
+        tech["acceptance_rate"], tech["mean_draft_tokens"], tech["cost_ratio_c"], tech["verify_cost_ratio"]))
+    per_round_s = tech["target_verify_seconds"] / tech["rounds"]
+    assert tech["cost_ratio_c"] == pytest.approx(
+        tech["draft_seconds"] / sum(p["proposed"] for p in positions) / per_round_s * tech["verify_cost_ratio"])
+    assert tech["one_token_step_in_loop_s"] == pytest.approx(per_round_s / tech["verify_cost_ratio"])
+    assert 0 <= tech["prefill_share"] <= 1 and tech["loop_overhead_share"] < 1 and tech["theory_leaves_out"]
 
 
 def test_cli_zoo_pair_reports_identical_outputs_acceptance_and_both_speedups(quick_zoo, workbench_cmd, cli_env):
@@ -255,3 +287,27 @@ def test_cli_any_save_pretrained_gpt2_pair_works_the_same(pair, workbench_cmd, c
         loaded.tokenizer.save_pretrained(folders[name])
     _check_report(_cli_json(workbench_cmd, cli_env, "--model", str(folders["my-target"]),
                             "--draft", str(folders["my-draft"])))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampled runs: a sampled baseline, and quality by distribution, never by token identity
+
+
+def test_sampled_run_has_a_sampled_baseline_and_a_distributional_quality(quick_zoo):
+    results = {}
+    for seed in (0, 1):
+        spec = RunSpec(ModelSpec("zoo:code-target"), WorkloadSpec("code-prompts", max_items=2, max_new_tokens=10),
+                       TechniqueSpec("speculative", {"do_sample": True, "temperature": 0.8},
+                                     ModelSpec("zoo:code-draft")), repeats=1, warmup=0, seed=seed)
+        results[seed] = run(spec, store=None, progress=False)
+        assert results[seed].status == "ok", results[seed].failure_reason
+    # The baseline samples: its outputs change with the seed (greedy ones would not).
+    assert [r["baseline_tokens"] for r in results[0].outputs] != [r["baseline_tokens"] for r in results[1].outputs]
+    quality, report = results[0].quality, results[0].report
+    assert quality["comparison"] == "distributional (sampled)"
+    assert quality["sampling"] == {"do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 1.0}
+    assert quality["inputs"] == 2 and quality["samples_per_prompt"] == 8
+    assert 0 < quality["p_value"] <= 1 and isinstance(quality["passed"], bool)
+    assert "token_agreement" not in quality and "exact_match_rate" not in quality
+    assert {m["name"] for m in report["quality"]} >= {"sampled_distribution_p_value", "sampled_score_change_nats"}
+    assert report["lossless"] is False

@@ -86,10 +86,16 @@ def draw(pipe: Any, batch: Any, num_inference_steps: int, **extra: Any) -> CallO
     return CallOutput(output=list(images))
 
 
-def run_plain(loaded: Any, batch: Any, spec: Any) -> CallOutput:
-    """The model as it is, by kind: what the baseline variant runs."""
+def run_plain(loaded: Any, batch: Any, spec: Any, sampling: dict[str, Any] | None = None) -> CallOutput:
+    """The model as it is, by kind: what the baseline variant runs.
+
+    ``sampling`` (``generate`` settings such as ``do_sample``, ``temperature``, ``top_k``, ``top_p``)
+    makes a causal LM sample instead of decoding greedily; the caller seeds torch before each call.
+    """
+    if sampling is not None and loaded.kind != "causal_lm":
+        raise ValueError(f"sampling settings {sampling} apply to causal LMs only, not to a {loaded.kind} model")
     if loaded.kind == "causal_lm":
-        return generate(loaded.model, loaded.tokenizer, batch, spec.workload.max_new_tokens)
+        return generate(loaded.model, loaded.tokenizer, batch, spec.workload.max_new_tokens, **(sampling or {}))
     if loaded.kind == "classifier":
         return classify(loaded.model, batch)
     return draw(loaded.model, batch, spec.workload.num_inference_steps)

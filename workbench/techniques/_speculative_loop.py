@@ -14,6 +14,13 @@ the target's own greedy output token for token. Sampling keeps proposal ``x`` wi
 ``min(1, p(x) / q(x))`` and on rejection draws from ``norm(max(0, p - q))``, which makes every emitted
 token distributed exactly as the target alone would sample it (Leviathan et al., Theorem 1).
 
+Theory (:func:`theoretical_speedup`): a round yields ``(1 - a^(g+1)) / (1 - a)`` tokens on average
+(acceptance rate a, g tokens drafted) and costs ``g c + v`` one-token target steps, where c is the
+draft's time per proposed token and v the time of the target's (g+1)-token verification pass, both
+over one plain one-token step. The paper takes v = 1; on a CPU a 5-token pass costs clearly more than
+a 1-token one, so :func:`measure_step_costs` times both (untimed, before the run) and the prediction
+uses the measured ratio.
+
 Example:
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -29,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +61,7 @@ class LoopStats:
     draft_s: float = 0.0  # seconds spent proposing
     prefill_s: float = 0.0  # seconds of the target's prefill pass (prompt in, first token out)
     target_s: float = 0.0  # seconds of the target's verification passes (prefill excluded)
+    loop_s: float = 0.0  # seconds of the whole call: prefill, rounds and the book-keeping between clocks
     new_tokens: int = 0
     first_output_at: float | None = None  # clock when the first new token existed
 
@@ -227,6 +236,8 @@ def speculative_generate(target: Any, drafter: Any, input_ids: torch.Tensor, max
         _crop(cache, seq.shape[1] - 1)
         drafter.rollback(seq.shape[1] - 1)
     stats.draft_passes = drafter.passes
+    sync()
+    stats.loop_s = clock() - start
     out = out[:max_new_tokens]
     stats.new_tokens = len(out)
     return out, stats
@@ -278,13 +289,98 @@ def _grow(counts: list[int], upto: int) -> None:
         counts[j] += 1
 
 
-def theoretical_speedup(acceptance_rate: float, draft_tokens: float, cost_ratio: float) -> float:
-    """Leviathan et al. eq. 1: expected walltime improvement, (1 - a^(g+1)) / ((1 - a)(g c + 1)).
+def theoretical_speedup(acceptance_rate: float, draft_tokens: float, cost_ratio: float,
+                        verify_cost_ratio: float = 1.0) -> float:
+    """Expected speedup of decoding: tokens per round over the round's cost in one-token target steps.
+
+    ``(1 - a^(g+1)) / ((1 - a)(g c + v))``: acceptance rate a, g tokens drafted per round, c the
+    draft's time per proposed token and v the time of the target's (g+1)-token verification pass, both
+    relative to one plain one-token target step. With v = 1 this is Leviathan et al.'s eq. 1; prefill
+    and the loop's book-keeping are left out.
 
     Example:
-        >>> round(theoretical_speedup(0.8, 4, 0.1), 3)
+        >>> round(theoretical_speedup(0.8, 4, 0.1), 3)  # the paper's v = 1
         2.401
+        >>> # a 5-token verification pass costs 70 ms where a one-token step costs 52 ms
+        >>> round(theoretical_speedup(0.8, 4, 0.1, verify_cost_ratio=70 / 52), 3)
+        1.925
     """
-    a, g, c = acceptance_rate, draft_tokens, cost_ratio
-    expected_tokens = g + 1 if a >= 1.0 else (1 - a ** (g + 1)) / (1 - a)
-    return expected_tokens / (g * c + 1)
+    a, g, c, v = acceptance_rate, draft_tokens, cost_ratio, verify_cost_ratio
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"acceptance_rate={a!r} must be between 0 and 1")
+    if g < 0 or c < 0 or v <= 0:
+        raise ValueError(f"draft_tokens={g!r} and cost_ratio={c!r} must be >= 0 and verify_cost_ratio={v!r} > 0")
+    return expected_tokens_per_round(a, g) / (g * c + v)
+
+
+def expected_tokens_per_round(acceptance_rate: float, draft_tokens: float) -> float:
+    """Tokens one round yields when each proposal is accepted independently with probability a:
+    ``(1 - a^(g+1)) / (1 - a)`` (accepted prefix plus the target's own token), g + 1 when a = 1.
+
+    Example:
+        >>> expected_tokens_per_round(0.5, 2)
+        1.75
+    """
+    a, g = acceptance_rate, draft_tokens
+    return g + 1 if a >= 1.0 else (1 - a ** (g + 1)) / (1 - a)
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What one target step costs here, measured by :func:`measure_step_costs` (medians, seconds)."""
+
+    one_token_step_s: float  # a one-token decode step with a KV cache (what plain decoding pays per token)
+    verify_pass_s: float  # one pass over ``verify_tokens`` tokens with the same cache (a verification)
+    verify_tokens: int  # tokens in the verification pass: draft length + 1
+    context_tokens: int  # tokens already in the cache when both were timed
+    repeats: int  # timed passes of each kind (interleaved, after warm-up)
+
+    @property
+    def verify_cost_ratio(self) -> float:
+        """v: the verification pass over a one-token step (1.0 is the paper's assumption)."""
+        return self.verify_pass_s / self.one_token_step_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "verify_cost_ratio": self.verify_cost_ratio}
+
+
+def measure_step_costs(model: Any, input_ids: torch.Tensor, verify_tokens: int, repeats: int = 21,
+                       warmup: int = 5, sync: Callable[[], None] = lambda: None) -> StepCosts:
+    """Time a one-token step and a ``verify_tokens``-token pass of ``model`` after ``input_ids`` (1, T).
+
+    The prompt is prefilled once into a KV cache; then one-token and verification passes alternate
+    (so drift hits both alike), each followed by the argmax over its positions as the loop does and by
+    a cache rollback, so every pass sees the same context. Returns the medians.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=16, n_layer=2, n_head=2)).eval()
+        >>> costs = measure_step_costs(model, torch.tensor([[1, 2, 3]]), verify_tokens=5, repeats=3)
+        >>> costs.verify_tokens, costs.context_tokens, costs.one_token_step_s > 0
+        (5, 3, True)
+    """
+    if input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"measure_step_costs needs one non-empty prompt (1, T), got {tuple(input_ids.shape)}")
+    if verify_tokens < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"verify_tokens={verify_tokens}, repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    clock = time.perf_counter
+    times: dict[int, list[float]] = {1: [], verify_tokens: []}
+    with torch.inference_mode():
+        # 1. Prefill once; every timed pass starts from this cache.
+        cache = DynamicCache()
+        model(input_ids=input_ids, cache=cache, use_cache=True)
+        context = cache.get_seq_length()
+        feeds = {n: input_ids[:, -1:].repeat(1, n) for n in times}
+        # 2. Alternate the two kinds of pass; the first ``warmup`` rounds are not kept.
+        for rep in range(warmup + repeats):
+            for n, feed in feeds.items():
+                sync()
+                start = clock()
+                model(input_ids=feed, cache=cache, use_cache=True).logits[0, -n:].argmax(dim=-1).tolist()
+                sync()
+                if rep >= warmup:
+                    times[n].append(clock() - start)
+                _crop(cache, context)
+    return StepCosts(one_token_step_s=statistics.median(times[1]),
+                     verify_pass_s=statistics.median(times[verify_tokens]), verify_tokens=verify_tokens,
+                     context_tokens=context, repeats=repeats)

@@ -18,6 +18,11 @@ runner builds it from its parameters and then, in this order:
    meta-learner read those fields and never branch on technique names.
 5. :meth:`Technique.release`, even after a failure, so no shared model is left altered.
 
+A technique that samples says so with :meth:`Technique.sampling` (read before ``prepare``): the
+baseline then samples with the same settings and seeds (``Trial.sampling``), and the standard quality
+comparison becomes a distributional one over many samples per input (:mod:`workbench.sampled_quality`)
+instead of token identity.
+
 Two class-level hooks serve the meta-learner without running anything: :meth:`Technique.features`
 (the configuration's descriptors for a model) and :meth:`Technique.expert_rules` (rules of thumb,
 the "expert" baseline a learner must beat).
@@ -123,6 +128,8 @@ class Trial:
     workload: Workload  # the timed inputs as items (modality, description)
     batches: list[Batch]  # the timed inputs, model-ready
     calibration: list[Batch] = field(default_factory=list)  # disjoint inputs for training or calibration
+    sampling: dict[str, Any] | None = None  # the technique's sampling settings (Technique.sampling), which the
+    # baseline then samples with too; None: greedy
 
     @property
     def texts(self) -> list[str]:
@@ -234,6 +241,21 @@ class Technique(ABC):
     def lossless(self) -> bool:
         """True when outputs must equal the baseline's token for token (a mismatch fails the run)."""
         return False
+
+    def sampling(self) -> dict[str, Any] | None:
+        """The ``generate`` settings this technique samples with (``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``), or None when it decodes greedily (the default).
+
+        When it samples, the runner makes the baseline sample with the same settings and seeds, and
+        judges quality by distribution (:mod:`workbench.sampled_quality`), never by token identity.
+        Called before :meth:`prepare`, so it depends on the parameters alone.
+
+        Example:
+            >>> from workbench.techniques import get
+            >>> get("baseline")().sampling() is None
+            True
+        """
+        return None
 
     def check(self, facts: Facts, spec: RunSpec) -> str | None:
         """Why the technique cannot run with these model facts and this spec, or None when it can.

@@ -1,5 +1,8 @@
 """The baseline: the model as it is, run the ordinary way. Every comparison is against it.
 
+Greedy by default; when the technique it is compared with samples (``Trial.sampling``), the baseline
+samples with the same settings (the runner seeds both alike before every call).
+
 Example:
     >>> from workbench.techniques.baseline import Baseline
     >>> Baseline().lossless
@@ -17,7 +20,8 @@ from workbench.techniques.base import Outcome, Technique, TechniqueReport, Trial
 
 @register
 class Baseline(Technique):
-    """Runs the unmodified model: greedy ``generate``, a plain forward pass, or the pipeline as is."""
+    """Runs the unmodified model: greedy (or the trial's sampled) ``generate``, a plain forward pass, or
+    the pipeline as is."""
 
     name = "baseline"
     applies_to = ("causal_lm", "classifier", "diffusion")
@@ -33,10 +37,10 @@ class Baseline(Technique):
         return True
 
     def prepare(self, trial: Trial) -> None:
-        self._model, self._spec = trial.model, trial.spec
+        self._model, self._spec, self._sampling = trial.model, trial.spec, trial.sampling
 
     def run(self, batch: Any) -> CallOutput:
-        return run_plain(self._model, batch, self._spec)
+        return run_plain(self._model, batch, self._spec, self._sampling)
 
     def report(self, outcome: Outcome) -> TechniqueReport:
         return TechniqueReport(lossless=True, headline="the model as it is (an A/A check of the harness)")

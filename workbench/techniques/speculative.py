@@ -8,9 +8,16 @@ greedy output token for token (the run fails otherwise), so every speed figure c
 quality is unchanged.
 
 ``implementation=workbench`` (default) runs :mod:`workbench.techniques._speculative_loop`, which
-reports acceptance per draft position, tokens per target pass, the draft/target cost ratio c and the
-speedup theory predicts. ``implementation=hf`` runs ``generate(assistant_model=...)``, the reference
-users already know; it exposes only forward-pass counts.
+reports acceptance per draft position, tokens per target pass and the speedup theory predicts:
+expected tokens per round over ``g c + v`` one-token target steps, with the draft's cost per token c
+and the (g+1)-token verification pass v both measured relative to a one-token step (v is timed once,
+untimed, in :meth:`Speculative.prepare`; c is the loop's draft clock over its verification clock,
+times v), beside what the theory leaves out (prefill, the loop's book-keeping). ``implementation=hf`` runs
+``generate(assistant_model=...)``, the reference users already know; it exposes only forward-pass counts.
+
+With ``do_sample=true`` both variants sample with the same settings and seeds
+(:meth:`Speculative.sampling`), and quality is judged by distribution
+(:mod:`workbench.sampled_quality`), never by token identity.
 
 Example:
     >>> from workbench.techniques.speculative import Speculative
@@ -29,9 +36,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from workbench.measure import CallOutput, synchronize
+from workbench.sampled_quality import metrics as sampled_metrics
 from workbench.techniques._execute import generate
 from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
 from workbench.techniques._speculative_loop import (SCHEDULES, LookupDrafter, ModelDrafter, SelfDrafter,
+                                                    StepCosts, expected_tokens_per_round, measure_step_costs,
                                                     speculative_generate, theoretical_speedup)
 from workbench.techniques.base import (ExpertRule, Facts, Outcome, Param, Technique, TechniqueReport, Trial,
                                        register)
@@ -86,6 +95,20 @@ class Speculative(Technique):
     @property
     def lossless(self) -> bool:
         return not self.config["do_sample"]
+
+    def sampling(self) -> dict[str, Any] | None:
+        """With ``do_sample``: plain softmax sampling at ``temperature`` (no top-k, no top-p), what the
+        loop's acceptance rule preserves and what the baseline must then do too; None when greedy.
+
+        Example:
+            >>> Speculative(do_sample=True, temperature=0.8).sampling()
+            {'do_sample': True, 'temperature': 0.8, 'top_k': 0, 'top_p': 1.0}
+            >>> Speculative().sampling() is None
+            True
+        """
+        if not self.config["do_sample"]:
+            return None
+        return {"do_sample": True, "temperature": self.config["temperature"], "top_k": 0, "top_p": 1.0}
 
     # -- applicability (plan time: model facts, nothing loaded) ------------------------------------
     def check(self, facts: Facts, spec: Any) -> str | None:
@@ -142,11 +165,11 @@ class Speculative(Technique):
                                         self._drafter.model.named_parameters())
             else:
                 self._drafter = LookupDrafter()
+            #     And what a one-token step and a (k+1)-token verification pass cost here, for the theory.
+            self._step_costs, self._step_costs_input = self._measure_step_costs(trial)
             return
         # 2b. HF: draft length and schedule live in the draft's generation config.
-        self._extra: dict[str, Any] = {"do_sample": cfg["do_sample"]}
-        if cfg["do_sample"]:
-            self._extra.update(temperature=cfg["temperature"], top_k=0, top_p=1.0)
+        self._extra: dict[str, Any] = dict(self.sampling() or {"do_sample": False})
         if cfg["prompt_lookup_num_tokens"] is not None:
             self._extra["prompt_lookup_num_tokens"] = cfg["prompt_lookup_num_tokens"]
             return
@@ -159,6 +182,19 @@ class Speculative(Technique):
             self._extra["assistant_model"] = draft.model
         else:  # HF's own self-speculation; it fails on some architectures (GPT-2): a failed run, model restored
             self._extra["assistant_early_exit"] = cfg["draft_layers"]
+
+    def _measure_step_costs(self, trial: Trial) -> tuple[StepCosts, str]:
+        """Untimed microbenchmark on a calibration input (the first timed input when there is none:
+        only its length matters, nothing about its output is kept)."""
+        source = "calibration input" if trial.calibration else "first timed input (no calibration split)"
+        batch = trial.calibration[0] if trial.calibration else trial.batches[0]
+        ids = batch.inputs["input_ids"][:1]
+        if "attention_mask" in batch.inputs:  # drop left padding
+            ids = ids[:, batch.inputs["attention_mask"][0].bool()]
+        draft_tokens = self.config["prompt_lookup_num_tokens"] or self.config["num_assistant_tokens"]
+        costs = measure_step_costs(self._model.model, ids, draft_tokens + 1,
+                                   sync=lambda: synchronize(self._spec.device))
+        return costs, source
 
     def run(self, batch: Any) -> CallOutput:
         if self.config["implementation"] == "workbench":
@@ -202,6 +238,8 @@ class Speculative(Technique):
     # -- what it did -------------------------------------------------------------------------------
     def report(self, outcome: Outcome) -> TechniqueReport:
         internals = self._internals(outcome.per_call)
+        # A sampled run is judged by distribution (the runner's comparison, see workbench.sampled_quality).
+        quality = sampled_metrics(outcome.standard_quality)
         rate, predicted = internals.get("acceptance_rate"), internals.get("predicted_speedup")
         headline = (f"{internals['draft_source']}: {internals['tokens_per_target_pass'] or 0:.2f} tokens per target pass"
                     + (f", acceptance {rate:.0%}" if rate is not None else "")
@@ -209,7 +247,7 @@ class Speculative(Technique):
         # weights held: the target, plus a separate draft model (self-speculation shares the target's layers)
         held = self._model.info["model_bytes"] + (self._draft_bytes if self._draft is not None else 0)
         return TechniqueReport(
-            lossless=self.lossless, model_bytes=held,
+            lossless=self.lossless, model_bytes=held, quality=quality,
             bytes_read_per_token=internals["bytes_read_per_token"], internals=internals, headline=headline,
             features=self.features(self.config, self._model.info, None if self._draft is None else self._draft.info))
 
@@ -235,7 +273,8 @@ class Speculative(Technique):
             accepted = tokens - target  # each target pass emits its accepted draft tokens plus one of its own
             return {"implementation": "transformers assisted generation", **common,
                     "accepted_per_draft_pass": (accepted / draft) if draft else None}
-        return {"implementation": "workbench loop", **common, **_loop_figures(per_call)}
+        return {"implementation": "workbench loop", **common,
+                **_loop_figures(per_call, self._step_costs, self._step_costs_input)}
 
     # -- for the meta-learner ---------------------------------------------------------------------
     @classmethod
@@ -275,8 +314,17 @@ class Speculative(Technique):
         self._drafter = None
 
 
-def _loop_figures(per_call: list[dict[str, Any]]) -> dict[str, Any]:
-    """Acceptance per position, acceptance rate, cost ratio c and the speedup theory predicts."""
+def _loop_figures(per_call: list[dict[str, Any]], costs: StepCosts, costs_input: str = "") -> dict[str, Any]:
+    """Acceptance per position and rate, the measured cost ratios c and v, and the speedup theory predicts.
+
+    Theory: ``(1 - a^(g+1)) / ((1 - a)(g c + v))`` (:func:`theoretical_speedup`), every cost over one
+    one-token target step: v from ``costs`` (timed in prepare), c from the loop's clocks (see step 3).
+    What it leaves out is reported beside it:
+    the prefill (the same for both variants, so it pulls the measured speedup toward 1), the loop's
+    book-keeping between its clocks, and acceptances that are not independent from position to position
+    (expected against measured tokens per round).
+    """
+    # 1. Counts over every timed call.
     width = max((len(c["proposed_by_position"]) for c in per_call), default=0)
     proposed = [sum(c["proposed_by_position"][j] for c in per_call if j < len(c["proposed_by_position"]))
                 for j in range(width)]
@@ -285,15 +333,23 @@ def _loop_figures(per_call: list[dict[str, Any]]) -> dict[str, Any]:
     rounds = sum(c["rounds"] for c in per_call)
     rejections = sum(c["rejections"] for c in per_call)
     draft_s, target_s = sum(c["draft_s"] for c in per_call), sum(c["target_s"] for c in per_call)
-    # Acceptance rate a: the maximum-likelihood rate of a geometric run of acceptances (each round
-    # stops at its first rejection or at its length limit).
+    prefill_s, loop_s = sum(c["prefill_s"] for c in per_call), sum(c.get("loop_s", 0.0) for c in per_call)
+    # 2. Acceptance rate a: the maximum-likelihood rate of a geometric run of acceptances (each round
+    #    stops at its first rejection or at its length limit).
     attempts = sum(accepted) + rejections
     alpha = sum(accepted) / attempts if attempts else None
     mean_draft = sum(proposed) / rounds if rounds else None
-    # Cost ratio c: time to propose one token over the time of one target verification pass.
-    cost = (draft_s / sum(proposed)) / (target_s / rounds) if sum(proposed) and rounds and target_s else None
-    predicted = (theoretical_speedup(alpha, mean_draft, cost)
+    # 3. Costs over one one-token target step, each from clocks read side by side, so a change of load
+    #    between prepare() and the timed calls cancels: v from the interleaved microbenchmark; the draft
+    #    per token over the verification pass from the loop's two clocks, times v.
+    v = costs.verify_cost_ratio
+    verify_round_s = target_s / rounds if rounds else None
+    cost = (draft_s / sum(proposed)) / verify_round_s * v if sum(proposed) and verify_round_s else None
+    step_in_loop = verify_round_s / v if verify_round_s else None  # the one-token step the timed calls imply
+    predicted = (theoretical_speedup(alpha, mean_draft, cost, v)
                  if None not in (alpha, mean_draft, cost) and mean_draft > 0 else None)
+    # 4. What the theory leaves out, as shares of the loop's own time.
+    clocked = prefill_s + draft_s + target_s
     return {
         "rounds": rounds,
         "acceptance_by_position": [
@@ -304,12 +360,33 @@ def _loop_figures(per_call: list[dict[str, Any]]) -> dict[str, Any]:
         "acceptance_rate": alpha,
         "mean_draft_tokens": mean_draft,
         "mean_accepted_per_round": sum(accepted) / rounds if rounds else None,
+        "tokens_per_round": (sum(accepted) + rounds) / rounds if rounds else None,
+        "expected_tokens_per_round": (expected_tokens_per_round(alpha, mean_draft)
+                                      if None not in (alpha, mean_draft) else None),
         "draft_seconds": draft_s,
         "target_verify_seconds": target_s,
-        "prefill_seconds": sum(c["prefill_s"] for c in per_call),
+        "prefill_seconds": prefill_s,
+        "one_token_step_s": costs.one_token_step_s,
+        "verify_pass_s": costs.verify_pass_s,
+        "verify_pass_tokens": costs.verify_tokens,
+        "step_costs_measured_on": f"{costs_input}, {costs.context_tokens} tokens of context, "
+                                  f"median of {costs.repeats} interleaved passes",
+        "verify_cost_ratio": v,
+        "one_token_step_in_loop_s": step_in_loop,
+        # 1.0: the timed calls' verification ran as fast as the microbenchmark's; far from 1, the machine's
+        # load (or the context length) changed between them
+        "step_time_drift": step_in_loop / costs.one_token_step_s if step_in_loop else None,
         "cost_ratio_c": cost,
         "predicted_speedup": predicted,
-        "predicted_speedup_formula": "(1 - a^(g+1)) / ((1 - a)(g c + 1)), prefill excluded",
+        "predicted_speedup_formula": "(1 - a^(g+1)) / ((1 - a)(g c + v)); v = (g+1)-token verification pass over a "
+                                     "one-token step (microbenchmark), c = draft seconds per proposed token over "
+                                     "verification seconds per round (loop clocks) times v",
+        "prefill_share": prefill_s / loop_s if loop_s else None,
+        "loop_overhead_share": (loop_s - clocked) / loop_s if loop_s else None,
+        "theory_leaves_out": "prefill (paid by both variants; pulls the measured speedup toward 1), the loop's "
+                             "book-keeping outside its draft and verify clocks, the baseline's own per-token "
+                             "overhead beyond a bare forward pass, and acceptances that depend on position "
+                             "(compare expected_tokens_per_round with tokens_per_round)",
     }
 
 
