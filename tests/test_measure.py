@@ -10,6 +10,8 @@ from workbench.measure import (
     paired_speedup,
     run_interleaved,
     summarize_samples,
+    verdict,
+    verdict_of,
 )
 
 
@@ -33,13 +35,79 @@ def test_speedup_interval_detects_a_real_difference():
     assert slower["verdict"] == "slower" and slower["ci_high"] < 1.0
 
 
-def test_no_significant_difference_when_interval_contains_one():
+def test_no_practical_difference_when_interval_contains_one():
     rng = np.random.default_rng(2)
     base = 0.010 + rng.normal(0, 0.001, 30)
     tech = 0.010 + rng.normal(0, 0.001, 30)
     comp = paired_speedup(base, tech)
     assert comp["ci_low"] <= 1.0 <= comp["ci_high"]
-    assert comp["verdict"] == "no significant difference" and not comp["significant"]
+    assert comp["verdict"] == "no practical difference" and not comp["significant"]
+
+
+def test_a_tiny_but_certain_difference_is_no_practical_difference():
+    # The same calls, the technique 0.5% faster on every one: the interval excludes 1.0 (significant) but
+    # stays inside the +-2% band, so the verdict is not "faster" (the A/A failure the band exists for).
+    rng = np.random.default_rng(4)
+    base = 0.010 + rng.normal(0, 0.0002, 60)
+    tech = base / 1.005
+    comp = paired_speedup(base, tech)
+    assert comp["significant"] and comp["ci_low"] > 1.0
+    assert comp["verdict"] == "no practical difference"
+    assert paired_speedup(base, base / 1.10)["verdict"] == "faster"
+    assert paired_speedup(base, base * 1.10)["verdict"] == "slower"
+    # the band is settable: at 0.1% the same 0.5% is a difference
+    assert paired_speedup(base, tech, margin_percent=0.1)["verdict"] == "faster"
+
+
+def test_verdict_needs_the_whole_interval_beyond_the_band():
+    assert verdict(1.021, 1.5) == "faster" and verdict(0.5, 0.979) == "slower"
+    assert verdict(1.01, 1.5) == "no practical difference"  # overlaps the band
+    assert verdict(None, None) == "no practical difference"
+    stored_before_margins = {"speedup": 1.004, "ci_low": 1.001, "ci_high": 1.008, "verdict": "faster"}
+    assert verdict_of(stored_before_margins) == "no practical difference"
+
+
+def test_aa_samples_come_out_no_practical_difference():
+    # Synthetic A/A: both variants draw from one latency distribution (with a few stalls), 200 times.
+    rng = np.random.default_rng(5)
+    verdicts = []
+    for _ in range(200):
+        calls = 0.010 * rng.lognormal(0, 0.05, (2, 40))
+        calls[:, rng.integers(0, 40, 2)] *= 3
+        verdicts.append(paired_speedup(calls[0], calls[1], seed=1)["verdict"])
+    assert verdicts.count("no practical difference") / len(verdicts) >= 0.95
+
+
+def test_generation_speedup_is_per_output_token_when_lengths_differ():
+    # The technique stops early on some calls (fewer tokens): per token it is 1.25x faster, while
+    # total time credits it with the work it did not do (about 2x).
+    base_s = np.full(20, 1.0)
+    base_tokens = np.full(20, 100)
+    tech_tokens = np.where(np.arange(20) % 2 == 0, 100, 60)
+    tech_s = tech_tokens * 0.008
+    comp = paired_speedup(base_s, tech_s, baseline_tokens=base_tokens, technique_tokens=tech_tokens)
+    assert comp["basis"] == "time per output token"
+    assert comp["speedup"] == pytest.approx(1.25)
+    assert comp["total_time_speedup"] == pytest.approx(20 / tech_s.sum())
+    assert comp["total_time_speedup"] > 1.5 > comp["speedup"]
+    assert comp["tokens_baseline"] == 2000 and comp["tokens_technique"] == 1600
+    # equal lengths: the two figures agree
+    same = paired_speedup(base_s, base_s / 1.25, baseline_tokens=base_tokens, technique_tokens=base_tokens)
+    assert same["speedup"] == pytest.approx(same["total_time_speedup"])
+
+
+def test_summary_uses_per_token_speedup_for_generation_samples():
+    def columns(latency, tokens):
+        n = len(latency)
+        return {"item": list(range(n)), "repeat": [0] * n, "order": list(range(n)), "latency_s": latency,
+                "ttft_s": [0.01] * n, "new_tokens": tokens, "peak_memory_bytes": [None] * n}
+
+    samples = {"baseline": columns([1.0] * 6, [50] * 6), "quantization": columns([0.5] * 6, [25] * 6)}
+    comp = summarize_samples(samples)["comparison"]
+    assert comp["total_time_speedup"] == pytest.approx(2.0) and comp["speedup"] == pytest.approx(1.0)
+    assert comp["verdict"] == "no practical difference"
+    classifier = {name: {**cols, "new_tokens": [None] * 6} for name, cols in samples.items()}
+    assert summarize_samples(classifier)["comparison"]["basis"] == "total time"
 
 
 def test_median_of_pairs_is_not_moved_by_a_few_stalls():
@@ -61,7 +129,7 @@ def test_median_of_pairs_is_not_moved_by_a_few_stalls():
 
 def test_single_pair_has_no_interval():
     comp = paired_speedup([1.0], [0.5])
-    assert comp["speedup"] == 2.0 and comp["ci_low"] is None and comp["verdict"] == "no significant difference"
+    assert comp["speedup"] == 2.0 and comp["ci_low"] is None and comp["verdict"] == "no practical difference"
 
 
 def test_interleaving_alternates_order_and_skips_warmup():

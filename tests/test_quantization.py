@@ -113,7 +113,16 @@ def test_lm_run_reports_perplexity_kl_and_bytes_beside_speed(quick_zoo):
     resources = result.resources
     assert resources["quantization"]["model_bytes"] == tech["bytes_after"] < resources["baseline"]["model_bytes"]
     assert result.report["model_bytes"] == tech["bytes_after"]
-    assert result.comparison["speedup"] > 0
+    assert result.comparison["speedup"] > 0 and result.comparison["basis"] == "time per output token"
+    # the quality a user reads and a budget judges is perplexity and KL, never token agreement "points"
+    from workbench.display import quality_text, run_text
+    from workbench.quality import quality_loss
+
+    shown = quality_text(result.quality, result.quality_metrics, result.report["lossless"])
+    assert "perplexity change" in shown and "next-token KL" in shown and "token agreement" not in shown
+    assert "token agreement" not in run_text(result) and "points" not in run_text(result)
+    assert quality_loss(result.quality, "text-generation", lossless=False) == pytest.approx(
+        q["perplexity_change_percent"], abs=1e-6)
 
 
 def test_classifier_run_reports_accuracy_and_label_kl(quick_zoo):

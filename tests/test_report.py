@@ -82,7 +82,7 @@ def test_report_data_from_real_runs(report_store: str) -> None:
     data = report.build_report(report.ReportParams(store_url=report_store, since="1d"))
     results = data["results"]
     assert {"quantization[scheme=int8-dynamic]", "early_exit"} <= set(results["configuration"])
-    assert results[["speedup", "speedup_ci_low", "speedup_ci_high", "quality_loss_points"]].notna().all().all()
+    assert results[["speedup", "speedup_ci_low", "speedup_ci_high", "quality_loss"]].notna().all().all()
     assert SCRIPT_MODEL in set(results["model"])
     assert len(data["failed"]) == 1 and data["failed"]["failure_reason"].iloc[0]
     summary = " ".join(data["summary"])

@@ -302,5 +302,5 @@ def test_url_hides_the_password() -> None:
 def test_json_columns_are_the_documented_ones() -> None:
     assert JSON_COLUMNS == {
         "params", "environment", "spec", "summary", "samples", "quality", "internals", "outputs",
-        "quality_metrics", "technique_features", "resources",
+        "quality_metrics", "technique_features", "resources", "noise",
     }

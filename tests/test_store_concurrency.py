@@ -100,8 +100,8 @@ def test_two_writers_and_a_reader_lose_and_duplicate_nothing(tmp_path: Path, att
 
 
 def _older_store(path: Path, version: int, spec_key: str) -> None:
-    """A store as the release of schema ``version`` wrote it, with one row: 2 had no report columns,
-    1 not the (spec_key, status) index either."""
+    """A store as the release of schema ``version`` wrote it, with one row: 3 had no noise columns, 2 no
+    report columns either, 1 not the (spec_key, status) index either."""
     from workbench.store import COLUMNS_ADDED
 
     store = Store(f"sqlite:///{path}")
@@ -109,8 +109,9 @@ def _older_store(path: Path, version: int, spec_key: str) -> None:
                   "device": "cpu", "dtype": "float32", "seed": 0, "repeats": 1, "warmup": 0})
     store.close()
     with sqlite3.connect(path) as conn:
-        for name in COLUMNS_ADDED[3]:
-            conn.execute(f"ALTER TABLE runs DROP COLUMN {name}")
+        for added in range(version + 1, max(COLUMNS_ADDED) + 1):
+            for name in COLUMNS_ADDED.get(added, ()):
+                conn.execute(f"ALTER TABLE runs DROP COLUMN {name}")
         if version < 2:
             conn.execute("DROP INDEX ix_runs_spec_key_status")
         conn.execute(f"UPDATE workbench_meta SET value = '{version}' WHERE key = 'schema_version'")
@@ -121,24 +122,27 @@ def test_an_older_store_is_migrated_forward_and_keeps_its_rows(tmp_path: Path) -
     path = tmp_path / "old.sqlite"
     _older_store(path, 1, "k")
     reopened = Store(f"sqlite:///{path}")
-    assert reopened.schema_version() == SCHEMA_VERSION == 3
+    assert reopened.schema_version() == SCHEMA_VERSION == 4
     assert reopened.count() == 1 and reopened.has_ok_run("k")
     with sqlite3.connect(path) as conn:
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(runs)")}
         columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
     conn.close()
-    assert "ix_runs_spec_key_status" in indexes and {"lossless", "quality_metrics", "model_digest"} <= columns
+    assert "ix_runs_spec_key_status" in indexes
+    assert {"lossless", "quality_metrics", "model_digest", "noisy", "noise"} <= columns
 
 
 def test_a_schema_2_store_gains_the_report_columns_and_keeps_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "v2.sqlite"
     _older_store(path, 2, "old")
     reopened = Store(f"sqlite:///{path}")
-    assert reopened.schema_version() == 3
+    assert reopened.schema_version() == 4
     reopened.append({"spec_key": "new", "status": "ok", "model": "m", "workload": "w", "technique": "baseline",
                      "device": "cpu", "dtype": "float32", "seed": 0, "repeats": 1, "warmup": 0, "lossless": True,
-                     "model_bytes": 123, "quality_metrics": [{"name": "x", "value": 1.0, "unit": "%"}]})
+                     "model_bytes": 123, "quality_metrics": [{"name": "x", "value": 1.0, "unit": "%"}],
+                     "noisy": True, "noise": {"others_cores_during": 1.5}})
     frame = reopened.runs()
+    assert frame["noisy"].isna().tolist() == [True, False] and frame["noise"][1]["others_cores_during"] == 1.5
     assert list(frame["spec_key"]) == ["old", "new"]
     assert frame["lossless"].isna().tolist() == [True, False] and bool(frame["lossless"][1])
     assert frame["quality_metrics"][0] is None and frame["quality_metrics"][1][0]["unit"] == "%"

@@ -103,7 +103,7 @@ SECTIONS = {
     "devices": st.one_of(st.lists(st.sampled_from(["cpu", "cuda", "cuda:1", "tpu"]), max_size=2), JUNK),
     "dtypes": st.one_of(st.lists(st.sampled_from(["float32", "bfloat16", "int3"]), max_size=2), JUNK),
     "seeds": st.one_of(st.lists(st.integers(-1, 3), max_size=2), JUNK),
-    "repeats": SCALARS, "warmup": SCALARS, "threads": SCALARS, "timeout_per_run_s": SCALARS,
+    "repeats": SCALARS, "warmup": SCALARS, "threads": SCALARS, "margin_percent": SCALARS, "timeout_per_run_s": SCALARS,
     "max_memory_gb": SCALARS, "name": SCALARS, "labels": JUNK,
 }
 assert set(SECTIONS) == set(SWEEP_KEYS)

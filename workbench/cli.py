@@ -122,7 +122,9 @@ def run_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     seed: int = typer.Option(0, "--seed", help="Seed for input selection and sampling."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the cores other processes leave free)."),
+    margin: float = typer.Option(2.0, "--margin", help="Equivalence band in percent: a speedup within it is 'no practical difference'."),
+    wait_quiet: float = typer.Option(0.0, "--wait-quiet", help="Wait up to this many seconds for other processes to leave the cores first."),
     store: Optional[str] = typer.Option(None, "--store", help="SQLAlchemy URL (default: SQLite under data/)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -140,14 +142,54 @@ def run_command(
         technique=TechniqueSpec(technique, dict(parse_param(p) for p in param),
                                 ModelSpec(draft) if draft else None),
         device=device, dtype=dtype, seed=seed, repeats=repeats, warmup=warmup, threads=threads,
+        margin_percent=margin,
     )
+    _check_wait(wait_quiet)
     results_store = _open_store(store)
     planned = runner.plan(spec)
     # 2. Measure, store, show.
-    result = runner.execute(planned, progress=not quiet and not as_json)
+    result = runner.execute(planned, progress=not quiet and not as_json, wait_quiet_s=wait_quiet)
     results_store.append(result.to_row())
     typer.echo(_dump(result.to_json()) if as_json else run_text(result))
     if result.status != "ok":
+        raise typer.Exit(1)
+
+
+def _check_wait(seconds: float) -> None:
+    if not seconds >= 0:
+        raise WorkbenchError(f"--wait-quiet {seconds!r} is invalid: use seconds >= 0, e.g. --wait-quiet 300")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option("zoo:code-classifier", "--model", "-m", help="Model to time against itself."),
+    workload: str = typer.Option("code-snippets", "--workload", "-w", help="Built-in workload name or a .jsonl file."),
+    times: int = typer.Option(20, "--times", help="A/A runs (the baseline against itself)."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed passes per run."),
+    max_items: int = typer.Option(16, "--max-items", help="Inputs taken from the workload."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Tokens generated per prompt (LMs)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Inputs per call."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the free cores)."),
+    margin: float = typer.Option(2.0, "--margin", help="Equivalence band in percent."),
+    wait_quiet: float = typer.Option(0.0, "--wait-quiet", help="Wait up to this many seconds for quiet before each run."),
+    store: Optional[str] = typer.Option(None, "--store", help="Also record the A/A runs here (default: not recorded)."),
+) -> None:
+    """Time the baseline against itself --times times; print how often the verdict is 'no practical
+    difference' (it should be >= 95% on a quiet machine). Exit 1 below that."""
+    from workbench.calibration import calibrate as calibrate_
+    from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
+
+    spec = RunSpec(ModelSpec(model), WorkloadSpec(workload, max_items=max_items, max_new_tokens=max_new_tokens,
+                                                  batch_size=batch_size),
+                   TechniqueSpec("baseline"), device=device, repeats=repeats, threads=threads, margin_percent=margin)
+    _check_wait(wait_quiet)
+    results_store = _open_store(store) if store else None
+    result = calibrate_(spec, times=times, store=results_store, wait_quiet_s=wait_quiet,
+                        on_run=lambda i, r: typer.echo(f"A/A run {i + 1}/{times}: {r['verdict'] or r['status']}",
+                                                       err=True))
+    typer.echo(result.text())
+    if not result.passed:
         raise typer.Exit(1)
 
 
@@ -235,16 +277,24 @@ def _runs_view(frame: Any) -> Any:
     import pandas as pd
 
     from workbench.display import quality_text
+    from workbench.measure import verdict_of
+    from workbench.noise import summary_text
 
     columns = ["created_at", "run_id", "status", "model", "technique", "draft", "workload", "device",
-               "speedup", "speedup_ci_low", "speedup_ci_high", "quality", "failure_reason"]
+               "speedup", "speedup_ci_low", "speedup_ci_high", "verdict", "quality", "machine", "failure_reason"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     view = frame.copy()
     view["run_id"] = view["run_id"].str[:12]
     view["created_at"] = view["created_at"].dt.strftime("%Y-%m-%d %H:%M:%S")
     metrics = view["quality_metrics"] if "quality_metrics" in view else [None] * len(view)
-    view["quality"] = [quality_text(q, m) if q else "" for q, m in zip(view["quality"], metrics)]
+    lossless = view["lossless"] if "lossless" in view else [None] * len(view)
+    view["quality"] = [quality_text(q, m, l if isinstance(l, bool) else None) if q else ""
+                       for q, m, l in zip(view["quality"], metrics, lossless)]
+    view["verdict"] = [verdict_of((s or {}).get("comparison")) if (s or {}).get("comparison") else ""
+                       for s in view["summary"]]
+    noise = view["noise"] if "noise" in view else [None] * len(view)
+    view["machine"] = ["noisy machine" if summary_text(n) else ("quiet" if n else "not measured") for n in noise]
     for col in ("speedup", "speedup_ci_low", "speedup_ci_high"):
         view[col] = view[col].round(3)
     return view[columns]
@@ -258,7 +308,7 @@ def learn(
     store: Optional[str] = typer.Option(None, "--store", help="SQLAlchemy URL (default: SQLite under data/)."),
     out: Optional[str] = typer.Option(None, "--out", help="Where to save the learner (default: data/meta/learner.skops)."),
     learner: str = typer.Option("boosting", "--learner", help="boosting (default) or tree (the glass box)."),
-    budget: str = typer.Option("accuracy<=1", "--budget", help="Quality budget of the evaluation: lossless, any, accuracy<=X."),
+    budget: str = typer.Option("perplexity<=2%,accuracy<=1,ssim>=0.9", "--budget", help="Quality budget of the evaluation: lossless, any, or clauses perplexity<=X% (LMs), accuracy<=X (classifiers, points), ssim>=X (images)."),
     since: Optional[str] = typer.Option(None, "--since", help="Only runs newer than this: 7d, 12h or a date."),
 ) -> None:
     """Train the meta-learner on stored runs; print the leave-one-group-out evaluation table."""
@@ -271,7 +321,7 @@ def learn(
 def recommend(
     model: str = typer.Option(..., "--model", "-m", help="Hugging Face id, local folder, or zoo:NAME."),
     workload: str = typer.Option(..., "--workload", "-w", help="Built-in workload name or a .jsonl file."),
-    budget: str = typer.Option("accuracy<=1", "--budget", help="lossless, any, or accuracy<=X (quality points lost)."),
+    budget: str = typer.Option("perplexity<=2%,accuracy<=1,ssim>=0.9", "--budget", help="lossless, any, or clauses perplexity<=X% (LMs), accuracy<=X (classifiers, points), ssim>=X (images)."),
     learner_path: Optional[str] = typer.Option(None, "--learner-path", help="A saved learner (default: data/meta/learner.skops)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens generated per prompt."),
     batch_size: int = typer.Option(1, "--batch-size", help="Inputs per call."),

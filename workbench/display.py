@@ -14,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from workbench.measure import BASELINE
+from workbench.measure import BASELINE, MARGIN_PERCENT, verdict_of
+from workbench.noise import summary_text as noise_text
 
 
 def _ms(stats: dict[str, Any] | None, key: str = "median") -> float | None:
@@ -28,12 +29,35 @@ def _mb(nbytes: int | None) -> float | None:
 
 
 def format_speedup(comp: dict[str, Any]) -> str:
-    """'1.50x [1.40, 1.60] faster' — the point estimate, its 95% interval and the verdict."""
+    """'1.50x [1.40, 1.60] faster' — the point estimate, its 95% interval and the verdict against the
+    equivalence band (:func:`workbench.measure.verdict`: "no practical difference" inside +-2%)."""
     if not comp or comp.get("speedup") is None:
         return "n/a"
     if comp.get("ci_low") is None:
         return f"{comp['speedup']:.2f}x (one pair: no interval)"
-    return f"{comp['speedup']:.2f}x [{comp['ci_low']:.2f}, {comp['ci_high']:.2f}] {comp['verdict']}"
+    return f"{comp['speedup']:.2f}x [{comp['ci_low']:.2f}, {comp['ci_high']:.2f}] {verdict_of(comp)}"
+
+
+def speedup_lines(comp: dict[str, Any]) -> list[str]:
+    """The headline speedup with what it is per (output token or call), the total-time figure beside a
+    per-token one, and the median call."""
+    if not comp or comp.get("speedup") is None:
+        return []
+    basis = comp.get("basis") or "total time"
+    margin = comp.get("margin_percent", MARGIN_PERCENT)
+    lines = [f"speedup {format_speedup(comp)} ({basis}; 95% paired bootstrap CI over {comp.get('pairs')} calls; "
+             f"'faster'/'slower' only beyond +-{margin:g}%)"]
+    if basis == "time per output token" and comp.get("total_time_speedup") is not None:
+        low, high = comp.get("total_time_ci_low"), comp.get("total_time_ci_high")
+        interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+        tokens = (f"; tokens {comp['tokens_baseline']} baseline vs {comp['tokens_technique']} technique"
+                  if comp.get("tokens_baseline") is not None else "")
+        lines.append(f"total time {comp['total_time_speedup']:.2f}x{interval}{tokens}")
+    if comp.get("median_pair_ci_low") is not None:
+        lines.append(f"median call {comp['median_pair_speedup']:.2f}x [{comp['median_pair_ci_low']:.2f}, "
+                     f"{comp['median_pair_ci_high']:.2f}] (median of the per-pair ratios: little moved by "
+                     "calls that stall; far from the figure above means a noisy machine)")
+    return lines
 
 
 #: Labels and units of quality figures stored before techniques reported typed metrics (schema < 3),
@@ -48,9 +72,15 @@ LEGACY_METRICS: dict[str, tuple[str, str]] = {
 }
 
 
-def standard_quality_text(quality: dict[str, Any]) -> str:
-    """The comparison every run gets (outputs against the baseline's), in words."""
+def standard_quality_text(quality: dict[str, Any], lossless: bool | None = None) -> str:
+    """The comparison every run gets (outputs against the baseline's), in words. Token agreement is shown
+    for lossless language-model techniques only: for a lossy one it is not a quality figure (one early
+    divergence changes every later token), so its perplexity and KL speak instead."""
+    if quality.get("comparison") == "distributional (sampled)":
+        return ""  # a sampled run's figures are the technique's distributional metrics, shown after this
     if quality.get("exact_match_rate") is not None:
+        if lossless is False:
+            return ""
         n = quality["inputs"]
         same = round(quality["exact_match_rate"] * n)
         return f"identical output on {same}/{n} inputs, token agreement {quality['token_agreement']:.1%}"
@@ -97,9 +127,10 @@ def metric_texts(metrics: list[dict[str, Any]] | None, quality: dict[str, Any] |
             for key, (label, unit) in LEGACY_METRICS.items() if isinstance((quality or {}).get(key), (int, float))]
 
 
-def quality_text(quality: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> str:
+def quality_text(quality: dict[str, Any], metrics: list[dict[str, Any]] | None = None,
+                 lossless: bool | None = None) -> str:
     """The headline quality figures in words: the standard comparison, then the technique's own metrics."""
-    parts = [standard_quality_text(quality or {}), *metric_texts(metrics, quality)]
+    parts = [standard_quality_text(quality or {}, lossless), *metric_texts(metrics, quality)]
     return ", ".join(p for p in parts if p) or "no quality figure"
 
 
@@ -129,7 +160,7 @@ def run_table(result: Any) -> pd.DataFrame:
             peak_memory_mb=_mb(stats.get("peak_memory_bytes")),
             model_mb=_mb(resources.get("model_bytes")),
             speedup_95ci="1.00x (reference)" if name == BASELINE else format_speedup(comp),
-            quality="reference" if name == BASELINE else quality_text(result.quality, result.quality_metrics),
+            quality="reference" if name == BASELINE else quality_text(result.quality, result.quality_metrics, result.report.get('lossless')),
         )
         rows.append(row)
     return pd.DataFrame(rows)
@@ -146,14 +177,16 @@ def run_text(result: Any) -> str:
     if result.summary.get("variants"):
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             lines.append(run_table(result).to_string(index=False))
-        comp = result.comparison
-        lines.append(f"speedup {format_speedup(comp)} (95% paired bootstrap CI over {comp.get('pairs')} calls); "
-                     f"quality: {quality_text(result.quality, result.quality_metrics)}")
-        if comp.get("median_pair_ci_low") is not None:
-            lines.append(f"median call {comp['median_pair_speedup']:.2f}x [{comp['median_pair_ci_low']:.2f}, "
-                         f"{comp['median_pair_ci_high']:.2f}] (median of the per-pair ratios: little moved by "
-                         "calls that stall; far from the total-time figure above means a noisy machine)")
+        lines.extend(speedup_lines(result.comparison))
+        lines.append(f"quality: {quality_text(result.quality, result.quality_metrics, result.report.get('lossless'))}")
         lines.extend(technique_lines(result))
+    noisy = noise_text(getattr(result, "noise", None))
+    if noisy:
+        lines.append(f"WARNING {noisy}: the speed figures are suspect; rerun when the machine is quiet "
+                     "(workbench run ... --wait-quiet 300)")
+    chosen = (result.environment or {}).get("threads_chosen")
+    if chosen:
+        lines.append(f"threads: {chosen['threads']} ({chosen['why']})")
     lines.append(f"status: {result.status}" + (f" ({result.failure_reason})" if result.failure_reason else "")
                  + f" | run {result.run_id}")
     return "\n".join(lines)
@@ -175,7 +208,9 @@ def technique_lines(result: Any) -> list[str]:
     if internals.get("predicted_speedup") is not None:
         lines.append(f"speedup measured {format_speedup(result.comparison)}, predicted by theory "
                      f"{internals['predicted_speedup']:.2f}x from acceptance rate a={internals['acceptance_rate']:.2f}, "
-                     f"draft length g={internals['mean_draft_tokens']:.2f}, cost ratio c={internals['cost_ratio_c']:.3f}")
+                     f"draft length g={internals['mean_draft_tokens']:.2f}, cost ratio c={internals['cost_ratio_c']:.3f}"
+                     + (f", verification cost v={internals['verify_cost_ratio']:.2f} of a one-token step"
+                        if internals.get("verify_cost_ratio") is not None else ""))
     curve = internals.get("threshold_curve")
     if curve:
         with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -203,8 +238,11 @@ def run_html(result: Any) -> str:
     parts.append("</p>")
     if result.summary.get("variants"):
         parts.append(run_table(result).to_html(index=False, escape=True))
-        parts.append(f"<p>speedup {html.escape(format_speedup(result.comparison))} (95% CI); "
-                     f"{html.escape(quality_text(result.quality, result.quality_metrics))}</p>")
+        noisy = noise_text(getattr(result, "noise", None))
+        if noisy:
+            parts.append(f"<p class='workbench-noisy'><b>{html.escape(noisy)}</b>: speed figures suspect</p>")
+        parts.append(f"<p>{html.escape('; '.join(speedup_lines(result.comparison)))}; "
+                     f"{html.escape(quality_text(result.quality, result.quality_metrics, result.report.get('lossless')))}</p>")
         extra = technique_lines(result)
         if extra:
             parts.append(f"<pre>{html.escape(chr(10).join(extra))}</pre>")

@@ -30,6 +30,8 @@ import numpy as np
 CONFIDENCE = 0.95  # two-sided level of every interval reported
 BOOTSTRAP_RESAMPLES = 2000  # resamples for the speedup interval; 2000 keeps the CI edges stable to ~1%
 BASELINE = "baseline"  # name of the reference variant in samples and summaries
+MARGIN_PERCENT = 2.0  # equivalence band: a speedup within +-2% is "no practical difference" (settable)
+NO_DIFFERENCE = "no practical difference"  # the verdict when the interval does not clear the band
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,60 +230,120 @@ def describe(values: Any) -> dict[str, float | int | None]:
     }
 
 
+def verdict(ci_low: float | None, ci_high: float | None, margin_percent: float = MARGIN_PERCENT) -> str:
+    """"faster" / "slower" only when the whole interval lies beyond the equivalence band
+    [1 - m, 1 + m] (m = ``margin_percent`` / 100); otherwise "no practical difference".
+
+    A difference smaller than the band is not worth acting on, however tight its interval: the
+    baseline timed against itself must come out as "no practical difference" (``workbench calibrate``).
+
+    Example:
+        >>> verdict(1.001, 1.01), verdict(1.03, 1.08), verdict(0.90, 0.97), verdict(0.9, 1.5)
+        ('no practical difference', 'faster', 'slower', 'no practical difference')
+    """
+    if ci_low is None or ci_high is None or math.isnan(ci_low) or math.isnan(ci_high):
+        return NO_DIFFERENCE
+    band = margin_percent / 100.0
+    if ci_low > 1.0 + band:
+        return "faster"
+    if ci_high < 1.0 - band:
+        return "slower"
+    return NO_DIFFERENCE
+
+
+def verdict_of(comparison: Mapping[str, Any] | None) -> str:
+    """The verdict of a stored comparison under its own margin (the default for runs stored before
+    margins existed, whose verdict said "faster" for any interval that excluded 1.0)."""
+    comp = comparison or {}
+    return verdict(comp.get("ci_low"), comp.get("ci_high"), comp.get("margin_percent", MARGIN_PERCENT))
+
+
 def paired_speedup(
     baseline_s: Any,
     technique_s: Any,
     confidence: float = CONFIDENCE,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    margin_percent: float = MARGIN_PERCENT,
+    baseline_tokens: Any = None,
+    technique_tokens: Any = None,
 ) -> dict[str, Any]:
     """Speedup of the technique over the baseline with a paired bootstrap interval.
 
-    The speedup is total baseline time over total technique time on the same calls (the ratio of
-    mean latencies: what the workload as a whole saves). Pairs (same item, same repeat, run back to
-    back) are resampled together, so item-to-item variation does not widen the interval.
+    Without token counts the speedup is total baseline time over total technique time on the same
+    calls (what the workload as a whole saves). With token counts (generation) it is time per output
+    token: (baseline seconds / baseline tokens) / (technique seconds / technique tokens), so a variant
+    that stops earlier (fewer tokens) is not credited with the time it did not spend; the total-time
+    figure stays beside it (``total_time_speedup``). Pairs (same item, same repeat, run back to back)
+    are resampled together, so item-to-item variation does not widen the interval.
 
     Beside it, ``median_pair_speedup`` (with ``median_pair_ci_low``/``_high``): the median of the
     per-pair ratios, what a typical call saves. A few calls that stall for seconds on a shared machine
-    move the total-time ratio a lot and this one little, so when the two disagree the run was noisy.
+    move the total ratio a lot and this one little, so when the two disagree the run was noisy.
 
     Returns:
-        speedup, ci_low, ci_high, confidence, significant (interval excludes 1.0), a verdict:
-        "faster", "slower" or "no significant difference", and the median-of-pairs estimate.
+        speedup, ci_low, ci_high, confidence, basis ("time per output token" or "total time"),
+        significant (interval excludes 1.0), margin_percent and a verdict (see :func:`verdict`):
+        "faster", "slower" or "no practical difference"; the total-time and median-of-pairs estimates.
     """
     base = np.asarray(baseline_s, dtype=float)
     tech = np.asarray(technique_s, dtype=float)
     if base.shape != tech.shape or base.size == 0:
         raise ValueError(f"paired samples differ in size: {base.size} baseline vs {tech.size} technique")
-    speedup = float(base.sum() / tech.sum())
-    pair_ratios = base / tech
+    per_token = baseline_tokens is not None and technique_tokens is not None
+    if per_token:
+        base_tok = np.asarray(baseline_tokens, dtype=float)
+        tech_tok = np.asarray(technique_tokens, dtype=float)
+        if base_tok.shape != base.shape or tech_tok.shape != tech.shape or (base_tok <= 0).any() \
+                or (tech_tok <= 0).any():
+            per_token = False  # a call without tokens: fall back to total time, said so by ``basis``
+    if not per_token:
+        base_tok = tech_tok = np.ones_like(base)
+
+    def ratio(index: Any) -> Any:  # per-token time ratio over the selected pairs (index: (..., n))
+        return (base[index].sum(axis=-1) / base_tok[index].sum(axis=-1)) / (
+            tech[index].sum(axis=-1) / tech_tok[index].sum(axis=-1))
+
+    everything = np.arange(base.size)
+    speedup = float(ratio(everything))
+    total_time = float(base.sum() / tech.sum())
+    pair_ratios = (base / base_tok) / (tech / tech_tok)
     median_pair = float(np.median(pair_ratios))
     if base.size == 1:
-        low = high = median_low = median_high = math.nan
+        low = high = median_low = median_high = total_low = total_high = math.nan
     else:
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, base.size, size=(resamples, base.size))
-        ratios = base[idx].sum(axis=1) / tech[idx].sum(axis=1)
+        ratios = ratio(idx)
         alpha = (1.0 - confidence) / 2.0
         low, high = (float(x) for x in np.quantile(ratios, [alpha, 1.0 - alpha]))
+        totals = base[idx].sum(axis=1) / tech[idx].sum(axis=1)
+        total_low, total_high = (float(x) for x in np.quantile(totals, [alpha, 1.0 - alpha]))
         medians = np.median(pair_ratios[idx], axis=1)
         median_low, median_high = (float(x) for x in np.quantile(medians, [alpha, 1.0 - alpha]))
     significant = bool(not math.isnan(low) and (low > 1.0 or high < 1.0))
-    if not significant:
-        verdict = "no significant difference"
-    else:
-        verdict = "faster" if low > 1.0 else "slower"
+
+    def none_if_nan(x: float) -> float | None:
+        return None if math.isnan(x) else x
+
     return {
         "speedup": speedup,
-        "ci_low": None if math.isnan(low) else low,
-        "ci_high": None if math.isnan(high) else high,
+        "ci_low": none_if_nan(low),
+        "ci_high": none_if_nan(high),
         "confidence": confidence,
+        "basis": "time per output token" if per_token else "total time",
         "significant": significant,
-        "verdict": verdict,
+        "margin_percent": float(margin_percent),
+        "verdict": verdict(low, high, margin_percent),
         "pairs": int(base.size),
+        "total_time_speedup": total_time,
+        "total_time_ci_low": none_if_nan(total_low),
+        "total_time_ci_high": none_if_nan(total_high),
+        "tokens_baseline": int(base_tok.sum()) if per_token else None,
+        "tokens_technique": int(tech_tok.sum()) if per_token else None,
         "median_pair_speedup": median_pair,
-        "median_pair_ci_low": None if math.isnan(median_low) else median_low,
-        "median_pair_ci_high": None if math.isnan(median_high) else median_high,
+        "median_pair_ci_low": none_if_nan(median_low),
+        "median_pair_ci_high": none_if_nan(median_high),
     }
 
 
@@ -307,25 +369,38 @@ def _variant_summary(columns: Mapping[str, list]) -> dict[str, Any]:
 
 
 def summarize_samples(
-    samples: Mapping[str, Mapping[str, list]], baseline: str = BASELINE, seed: int = 0
+    samples: Mapping[str, Mapping[str, list]], baseline: str = BASELINE, seed: int = 0,
+    margin_percent: float = MARGIN_PERCENT,
 ) -> dict[str, Any]:
     """Statistics of every variant and the comparison of each non-baseline variant to the baseline.
 
-    A pure function of the raw samples (and the bootstrap seed): recomputing it from stored samples
-    gives the stored summary back.
+    A pure function of the raw samples, the bootstrap seed and the margin: recomputing it from stored
+    samples gives the stored summary back. Where both variants counted output tokens on every call
+    (generation) the speedup is per output token (see :func:`paired_speedup`).
     """
     variants = {name: _variant_summary(cols) for name, cols in samples.items()}
     result: dict[str, Any] = {"variants": variants}
     others = [name for name in samples if name != baseline]
     if baseline in samples and others:
         base = samples[baseline]
+        base_by_call = {key: (latency, tokens) for key, latency, tokens in
+                        zip(zip(base["item"], base["repeat"]), base["latency_s"], _tokens(base))}
         comparisons = {}
         for name in others:
             tech = samples[name]
-            base_by_call = dict(zip(zip(base["item"], base["repeat"]), base["latency_s"]))
-            pairs = [(base_by_call[key], t) for key, t in zip(zip(tech["item"], tech["repeat"]), tech["latency_s"])
-                     if key in base_by_call]
-            comparisons[name] = paired_speedup([p[0] for p in pairs], [p[1] for p in pairs], seed=seed)
+            pairs = [(*base_by_call[key], latency, tokens) for key, latency, tokens in
+                     zip(zip(tech["item"], tech["repeat"]), tech["latency_s"], _tokens(tech)) if key in base_by_call]
+            counted = all(p[1] is not None and p[3] is not None for p in pairs)
+            comparisons[name] = paired_speedup(
+                [p[0] for p in pairs], [p[2] for p in pairs], seed=seed, margin_percent=margin_percent,
+                baseline_tokens=[p[1] for p in pairs] if counted else None,
+                technique_tokens=[p[3] for p in pairs] if counted else None)
         result["comparisons"] = comparisons
         result["comparison"] = comparisons[others[0]]
     return result
+
+
+def _tokens(columns: Mapping[str, list]) -> list:
+    """Output tokens per call, or None per call where the variant does not count tokens."""
+    tokens = list(columns.get("new_tokens") or [])
+    return tokens if len(tokens) == len(columns["latency_s"]) else [None] * len(columns["latency_s"])

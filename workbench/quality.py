@@ -11,9 +11,167 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------
+# What "quality lost" means per modality, in that modality's own unit
+
+
+@dataclass(frozen=True)
+class LossScale:
+    """How a modality's quality loss is measured, in which unit, and how a budget names it."""
+
+    modality: str  # the workload's modality
+    metric: str  # the budget's keyword: perplexity, accuracy, ssim
+    unit: str  # unit of the loss: "%" (perplexity increase), "points" (accuracy drop), "SSIM" (1 - SSIM)
+    label: str  # the loss in words, for tables and axes
+    example: str  # a budget clause in this unit
+    default_bound: float  # the largest loss a budget allows when it does not name this modality
+
+
+#: One scale per modality. Language models: perplexity increase in percent on the workload's own text
+#: (never token agreement: one early divergence cascades through greedy decoding, so agreement says little
+#: about a lossy model's quality); classifiers: accuracy drop in points on the gold labels; images: how far
+#: the technique's SSIM to the many-step reference falls below 1.
+LOSS_SCALES: dict[str, LossScale] = {
+    "text-generation": LossScale("text-generation", "perplexity", "%", "perplexity increase (%)",
+                                 "perplexity<=2%", 2.0),
+    "text-classification": LossScale("text-classification", "accuracy", "points", "accuracy drop (points)",
+                                     "accuracy<=1", 1.0),
+    "image-generation": LossScale("image-generation", "ssim", "SSIM", "1 - SSIM to the reference",
+                                  "ssim>=0.9", 0.1),
+}
+
+
+def quality_loss(quality: Mapping[str, Any] | None, modality: str, lossless: bool = False) -> float:
+    """How much quality a run gave up, in its modality's unit (see :data:`LOSS_SCALES`); NaN when the run
+    has no figure in that unit (an unknown loss never counts as zero).
+
+    - text generation: the perplexity change in percent (signed: negative is better); 0 for a lossless
+      technique (a stored lossless run produced the baseline's output token for token) and for a sampled
+      run whose samples passed the distributional check against the sampled baseline;
+    - text classification: the accuracy drop in points (or, without labels, the share of changed
+      predictions in points, which bounds it);
+    - image generation: 1 - SSIM of the technique's images to the reference images.
+
+    Example:
+        >>> quality_loss({"perplexity_change_percent": 0.4, "token_agreement": 0.5}, "text-generation")
+        0.4
+        >>> quality_loss({"token_agreement": 0.97}, "text-generation")
+        nan
+        >>> quality_loss({"accuracy_change_points": -1.5}, "text-classification")
+        1.5
+    """
+    q = quality or {}
+
+    def num(key: str) -> float | None:
+        value = q.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        return float(value)
+
+    if modality == "text-generation":
+        if lossless:
+            return 0.0
+        if num("perplexity_change_percent") is not None:
+            return round(num("perplexity_change_percent"), 6)
+        if q.get("comparison") == "distributional (sampled)":  # see workbench.sampled_quality
+            return 0.0 if q.get("passed") is True else math.nan
+        return math.nan
+    if modality == "text-classification":
+        if lossless:
+            return 0.0
+        if num("accuracy_change_points") is not None:
+            return round(-num("accuracy_change_points"), 6)
+        if num("agreement") is not None:
+            return round(100.0 * (1.0 - num("agreement")), 6)
+        return math.nan
+    if modality == "image-generation":
+        key = "ssim_baseline_vs_reference" if lossless else "ssim_technique_vs_reference"
+        if num(key) is not None:
+            return round(1.0 - num(key), 6)
+        return 0.0 if lossless else math.nan
+    return 0.0 if lossless else math.nan
+
+
+def loss_text(value: float | None, modality: str) -> str:
+    """A quality loss in its unit, in words: 'perplexity +0.40%', 'accuracy -1.2 points', 'SSIM 0.912'.
+
+    Example:
+        >>> loss_text(0.4, "text-generation"), loss_text(1.25, "text-classification"), loss_text(0.1, "image-generation")
+        ('perplexity +0.40%', 'accuracy -1.25 points', 'SSIM 0.900')
+    """
+    if value is None or not math.isfinite(value):
+        scale = LOSS_SCALES.get(modality)
+        return f"{scale.metric if scale else 'quality'} not measured"
+    if modality == "text-generation":
+        return f"perplexity {value:+.2f}%"
+    if modality == "text-classification":
+        return f"accuracy {-value:+.2f} points"
+    if modality == "image-generation":
+        return f"SSIM {1.0 - value:.3f}"
+    return f"quality loss {value:.3g}"
+
+
+def lm_text_quality(tokenizer: Any, texts: list[str], reference: Any, technique: Any, max_tokens: int,
+                    window: int, device: str = "cpu") -> dict[str, Any]:
+    """Perplexity of two language models on the same text, its change in percent, and the mean KL
+    divergence KL(reference || technique) of their next-token distributions, teacher-forced.
+
+    The text is the workload's own (the timed inputs'), scored as one stream in windows of ``window``
+    tokens, at most ``max_tokens`` tokens: not the generated continuation, so a divergence early in
+    generation does not cascade into the figure. ``reference`` and ``technique`` map ids (1, T) to
+    logits (1, T, V).
+
+    Returns:
+        perplexity_baseline, perplexity_technique, perplexity_change_percent, next_token_kl_mean (nats),
+        quality_text_tokens.
+    """
+    import torch
+
+    ids = tokenizer("\n\n".join(t for t in texts if t), return_tensors="pt").input_ids[0][:max_tokens].to(device)
+    nll = {"baseline": 0.0, "technique": 0.0}
+    kl_sum, scored = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, max(len(ids) - 1, 1), window):
+            chunk = ids[start:start + window].unsqueeze(0)
+            if chunk.shape[1] < 2:
+                break
+            target = chunk[0, 1:]
+            p = torch.log_softmax(reference(chunk)[0, :-1].float(), dim=-1)
+            q = torch.log_softmax(technique(chunk)[0, :-1].float(), dim=-1)
+            nll["baseline"] -= float(p.gather(1, target[:, None]).sum())
+            nll["technique"] -= float(q.gather(1, target[:, None]).sum())
+            kl_sum += float(torch.sum(p.exp() * (p - q), dim=-1).clamp_min(0).sum())
+            scored += target.numel()
+    if not scored:
+        raise ValueError("lm_text_quality needs at least 2 tokens of text: the workload's inputs are empty")
+    ppl_base, ppl_tech = math.exp(nll["baseline"] / scored), math.exp(nll["technique"] / scored)
+    return {
+        "perplexity_baseline": ppl_base,
+        "perplexity_technique": ppl_tech,
+        "perplexity_change_percent": 100.0 * (ppl_tech / ppl_base - 1.0),
+        "next_token_kl_mean": kl_sum / scored,
+        "quality_text_tokens": scored,
+    }
+
+
+def lm_quality_metrics(q: Mapping[str, Any]) -> list[Any]:
+    """The typed metrics of :func:`lm_text_quality`'s figures (perplexity change and KL are the headline)."""
+    from workbench.techniques.base import Metric
+
+    return [
+        Metric("perplexity_baseline", q["perplexity_baseline"], "", False, "perplexity (baseline)", headline=False),
+        Metric("perplexity_technique", q["perplexity_technique"], "", False, "perplexity"),
+        Metric("perplexity_change_percent", q["perplexity_change_percent"], "%", False, "perplexity change"),
+        Metric("next_token_kl_mean", q["next_token_kl_mean"], "nats", False, "next-token KL"),
+        Metric("quality_text_tokens", q["quality_text_tokens"], "tokens", None, "tokens scored", headline=False),
+    ]
 
 
 def _flatten(per_batch: list[list[Any]]) -> list[Any]:

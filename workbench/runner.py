@@ -85,6 +85,7 @@ class RunResult:
     model_name: str | None = None  # canonical identity of the model (see models.facts); default spec.model.name
     model_digest: str | None = None  # content digest of the model files
     draft_name: str | None = None  # canonical identity of the draft
+    noise: dict[str, Any] = field(default_factory=dict)  # workbench.noise record: what else used the machine
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -92,6 +93,11 @@ class RunResult:
     def comparison(self) -> dict[str, Any]:
         """Speedup, its interval and verdict (empty for a run that failed before measuring)."""
         return self.summary.get("comparison", {})
+
+    @property
+    def noisy(self) -> bool:
+        """Other work crossed a threshold while this ran (see :mod:`workbench.noise`): figures suspect."""
+        return bool(self.noise.get("noisy"))
 
     @property
     def quality_metrics(self) -> list[dict[str, Any]]:
@@ -141,6 +147,8 @@ class RunResult:
             "quality_metrics": report.get("quality") if report else None,
             "technique_features": report.get("features") if report else None,
             "resources": self.resources or None,
+            "noisy": self.noise.get("noisy") if self.noise else None,
+            "noise": self.noise or None,
         }
 
     @classmethod
@@ -168,7 +176,7 @@ class RunResult:
                    internals=row.get("internals") or {}, outputs=row.get("outputs") or [],
                    environment=row.get("environment") or {}, report=report, resources=resources,
                    model_name=row.get("model"), model_digest=row.get("model_digest"), draft_name=row.get("draft"),
-                   run_id=row["run_id"], **extra)
+                   noise=row.get("noise") or {}, run_id=row["run_id"], **extra)
 
     def to_json(self) -> dict[str, Any]:
         """One JSON-ready object: spec, statistics of both variants, speedup, quality, report, outputs."""
@@ -232,17 +240,39 @@ def plan(spec: RunSpec) -> Plan:
     return Plan(spec, technique, workload, calibration, facts)
 
 
-def execute(plan_: Plan, environment: dict[str, Any] | None = None, progress: bool = True) -> RunResult:
-    """Run one planned comparison; failures come back as a failed RunResult, never as an exception."""
-    spec = plan_.spec
-    if spec.threads:
-        import torch
+def execute(plan_: Plan, environment: dict[str, Any] | None = None, progress: bool = True,
+            wait_quiet_s: float = 0.0) -> RunResult:
+    """Run one planned comparison; failures come back as a failed RunResult, never as an exception.
 
+    Contention is measured before and during the run (:class:`workbench.noise.NoiseMonitor`) and
+    stored with it; without ``spec.threads`` torch gets the cores other processes leave free (said so
+    in ``environment["threads_chosen"]``). ``wait_quiet_s`` > 0 first waits up to that long for the
+    machine to become quiet, and runs anyway (flagged, if still noisy) when it does not.
+    """
+    import torch
+
+    from workbench import noise
+
+    spec = plan_.spec
+    # 1. Contention before the run: wait for quiet if asked, then probe; threads from the free cores.
+    waited = noise.wait_for_quiet(wait_quiet_s) if wait_quiet_s > 0 else None
+    monitor = noise.NoiseMonitor(device=spec.device)
+    before = monitor.start()
+    available = noise.cores_available()
+    if spec.threads:
         torch.set_num_threads(spec.threads)  # before the fingerprint, which records the threads used
+        chosen = {"threads": spec.threads, "why": "set by the spec"}
+    else:
+        others = before["others_cores"] if before else 0.0
+        threads = noise.threads_for(available - others, available)
+        torch.set_num_threads(threads)
+        chosen = {"threads": threads, "why": f"{available} cores available to this process, other processes "
+                                             f"busy on {others:.2f} of them"}
     if environment is None:
         from workbench.environment import fingerprint
 
         environment = fingerprint(device=spec.device.split(":")[0])
+    environment = {**environment, "torch_threads": torch.get_num_threads(), "threads_chosen": chosen}
     facts = plan_.facts
     result = RunResult(spec=spec, status="failed", environment=environment, model_name=facts.model.name,
                        model_digest=facts.model.digest, draft_name=facts.draft.name if facts.draft else None)
@@ -260,6 +290,8 @@ def execute(plan_: Plan, environment: dict[str, Any] | None = None, progress: bo
                 variant.release()
             except Exception as exc:  # release must not hide the run's own outcome
                 result.internals.setdefault("release_errors", []).append(repr(exc))
+        # 3. Contention over the whole run, stored with it.
+        result.noise = {**monitor.stop(), **({"wait_for_quiet": waited} if waited else {})}
     return result
 
 
@@ -296,7 +328,8 @@ def _measure(plan_: Plan, technique: Technique, baseline: Baseline, result: RunR
     result.internals["workload_info"] = {"modality": plan_.workload.modality, "inputs": len(plan_.workload.items),
                                          "calibration_inputs": len(plan_.calibration.items),
                                          "description": plan_.workload.description}
-    # 2. Both variants prepared on the same trial.
+    # 2. Both variants prepared on the same trial; a sampling technique's baseline samples alike.
+    trial.sampling = technique.sampling()
     baseline.prepare(trial)
     technique.prepare(trial)
     # Baseline against itself is an A/A check of the harness: the second copy gets its own name.
@@ -311,11 +344,19 @@ def _measure(plan_: Plan, technique: Technique, baseline: Baseline, result: RunR
     with _progress(total, f"{spec.technique.name} vs baseline", progress) as bar:
         measured = run_interleaved(calls, len(batches), spec.repeats, spec.warmup, spec.device,
                                    before_call=reseed, on_progress=bar.update)
+    # 3b. A sampling technique is judged by distribution, never by token identity: more samples of both
+    #     variants per input, untimed, compared under the target (see workbench.sampled_quality).
+    sampled = None
+    if trial.sampling is not None:
+        from workbench import sampled_quality
+
+        sampled = sampled_quality.compare_variants(model, batches, baseline.run, technique.run, trial.sampling,
+                                                   seed=spec.seed).to_dict()
     # 4. Statistics, then the technique's typed report on the same outputs.
     result.samples = measured.samples
-    result.summary = summarize_samples(measured.samples, seed=spec.seed)
+    result.summary = summarize_samples(measured.samples, seed=spec.seed, margin_percent=spec.margin_percent)
     labels = [y for b in batches for y in (b.labels or [])]
-    standard = quality.compare(model.kind, measured.outputs[BASELINE], measured.outputs[other], labels)
+    standard = sampled or quality.compare(model.kind, measured.outputs[BASELINE], measured.outputs[other], labels)
     report = technique.report(Outcome(per_call=measured.internals[other], baseline_outputs=measured.outputs[BASELINE],
                                       technique_outputs=measured.outputs[other], standard_quality=standard))
     if not isinstance(report, TechniqueReport):

@@ -153,6 +153,8 @@ class RunSpec:
     repeats: int = 5  # timed passes over the workload; more repeats, tighter intervals
     warmup: int = 1  # untimed passes first (caches, lazy init, allocator); never counted
     threads: int | None = None  # torch CPU threads; None keeps torch's default
+    margin_percent: float = 2.0  # equivalence band of the verdict: |speedup - 1| within it is "no practical
+    # difference"; how a result is judged, not what is measured (not in the key)
     labels: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # free-form tags, not in the key
 
     def __post_init__(self) -> None:
@@ -173,6 +175,11 @@ class RunSpec:
             self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
             f"threads={self.threads!r} is invalid: use a positive integer or None for torch's default",
         )
+        _check(
+            isinstance(self.margin_percent, (int, float)) and not isinstance(self.margin_percent, bool)
+            and 0.0 <= float(self.margin_percent) < 100.0,
+            f"margin_percent={self.margin_percent!r} is invalid: use a number of percent from 0 to 100, e.g. 2",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (params as a dict)."""
@@ -185,6 +192,7 @@ class RunSpec:
         """A sha256 hex digest of the fields that change the measurement (labels excluded)."""
         data = self.to_dict()
         data.pop("labels")
+        data.pop("margin_percent")  # judges the result, does not change the measurement
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -205,6 +213,7 @@ class RunSpec:
             repeats=data.get("repeats", 5),
             warmup=data.get("warmup", 1),
             threads=data.get("threads"),
+            margin_percent=data.get("margin_percent", 2.0),
             labels=tuple(sorted(data.get("labels", {}).items())),
         )
 

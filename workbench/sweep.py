@@ -18,7 +18,8 @@ The sweep file (every key but ``models``, ``workloads`` and ``techniques`` is op
     seeds: [0, 1]                # default [0]; each seed is its own run (inputs and sampling)
     repeats: 3                   # timed passes per run (default 5)
     warmup: 1                    # untimed passes first (default 1)
-    threads: null                # torch CPU threads per run (default: torch's)
+    threads: null                # torch CPU threads per run (default: the cores other processes leave free)
+    margin_percent: 2            # equivalence band of the verdict (default 2: within +-2% is no practical difference)
     timeout_per_run_s: 600       # per run (default 3600); --timeout-per-run overrides
     max_memory_gb: 8             # address-space cap per worker (--max-memory overrides)
 
@@ -64,7 +65,7 @@ from workbench.worker import WorkerLimits, run_isolated
 
 #: Top-level keys of a sweep file, and the keys of its entries.
 SWEEP_KEYS = ("name", "models", "workloads", "techniques", "devices", "dtypes", "seeds", "repeats", "warmup",
-              "threads", "timeout_per_run_s", "max_memory_gb", "labels")
+              "threads", "margin_percent", "timeout_per_run_s", "max_memory_gb", "labels")
 MODEL_KEYS = ("name", "revision", "trust_remote_code", "allow_pickle")
 WORKLOAD_KEYS = ("name", "max_items", "max_new_tokens", "batch_size", "num_inference_steps", "seed")
 TECHNIQUE_KEYS = ("name", "params", "grid", "draft")
@@ -234,6 +235,8 @@ def parse_sweep(text: str, source: str = "<sweep>") -> Sweep:
     repeats = check.integer(data, "repeats", 5, minimum=1)
     warmup = check.integer(data, "warmup", 1, minimum=0)
     threads = check.integer(data, "threads", None, minimum=1)
+    margin = check.number(data, "margin_percent")
+    margin = 2.0 if margin is None else margin
     timeout_s = check.number(data, "timeout_per_run_s")
     if timeout_s is None:
         timeout_s = DEFAULT_TIMEOUT_PER_RUN_S  # a hung run must never stall the sweep forever
@@ -256,7 +259,8 @@ def parse_sweep(text: str, source: str = "<sweep>") -> Sweep:
         try:
             wl = WorkloadSpec(**{"seed": seed, **workload})
             spec = RunSpec(model=model, workload=wl, technique=technique, device=device, dtype=dtype, seed=seed,
-                           repeats=repeats, warmup=warmup, threads=threads, labels=tuple(sorted(labels.items())))
+                           repeats=repeats, warmup=warmup, threads=threads, margin_percent=margin,
+                           labels=tuple(sorted(labels.items())))
         except SpecError as err:
             raise SweepError(f"{source}: {origin}: {err}") from None
         key = spec.key()

@@ -21,7 +21,7 @@ from workbench.meta.recommend import NO_RUNS_HINT, Recommendation, recommend, tr
 
 
 def learn(store_url: str | None = None, out: str | Path | None = None, learner: str = "boosting",
-          budget: str = "accuracy<=1", since: str | None = None, random_state: int = 0) -> dict[str, Any]:
+          budget: str = "perplexity<=2%,accuracy<=1,ssim>=0.9", since: str | None = None, random_state: int = 0) -> dict[str, Any]:
     """Evaluate (leave one group out), train on everything, save; returns the table, the path and text."""
     from workbench.store import Store
 
@@ -66,7 +66,7 @@ def _table_text(results: pd.DataFrame) -> str:
         return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
 
 
-def recommend_for(model: str, workload: str, budget: str = "accuracy<=1", learner_path: str | Path | None = None,
+def recommend_for(model: str, workload: str, budget: str = "perplexity<=2%,accuracy<=1,ssim>=0.9", learner_path: str | Path | None = None,
                   device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 32, batch_size: int = 1,
                   steps: int = 50, threads: int | None = None) -> Recommendation:
     """Load the learner, describe the context from files and this machine, recommend."""

@@ -93,10 +93,10 @@ def _leave_one_group_out(table: pd.DataFrame, grouping: str, groups: list[str], 
         held_out = table[grouping].astype(str) == group
         train, test = table[~held_out], table[held_out]
         fitted = {kind: MetaLearner(learner=kind, random_state=random_state).fit(
-            train[list(FEATURE_NAMES)], train["log_speedup"], train["quality_loss_points"])
+            train[list(FEATURE_NAMES)], train["log_speedup"], train["quality_loss"], train["weight"])
             for kind in learners} if len(train) >= 2 else {}
         plain = MetaLearner(prior="none", random_state=random_state).fit(
-            train[list(FEATURE_NAMES)], train["log_speedup"], train["quality_loss_points"]) if len(train) >= 2 else None
+            train[list(FEATURE_NAMES)], train["log_speedup"], train["quality_loss"], train["weight"]) if len(train) >= 2 else None
         # 2. Score every policy on every held-out context.
         for _, rows in test.groupby("context"):
             oracle_choice, oracle_speedup = oracle(rows, budget)
@@ -127,8 +127,7 @@ def _measured(rows: pd.DataFrame) -> pd.DataFrame:
 def oracle(rows: pd.DataFrame, budget: Budget) -> tuple[str, float]:
     """The best measured configuration within the budget in one context (baseline at 1.0 if none beats it)."""
     measured = _measured(rows)
-    allowed = measured[[budget.allows(bool(l), float(q)) for l, q in
-                        zip(measured["lossless"], measured["quality_loss_points"])]]
+    allowed = measured[budget.allowed(measured, "quality_loss")]
     if allowed.empty or allowed["measured_speedup"].max() <= 1.0:
         return BASELINE_CONFIGURATION, 1.0
     best = allowed.loc[allowed["measured_speedup"].idxmax()]
@@ -141,7 +140,7 @@ def _measured_log_speedup(rows: pd.DataFrame, configuration: str, budget: Budget
     if configuration == BASELINE_CONFIGURATION:
         return 0.0, 0.0
     row = rows[rows["configuration"] == configuration].iloc[0]
-    if not budget.allows(bool(row["lossless"]), float(row["quality_loss_points"])):
+    if not budget.allows(bool(row["lossless"]), float(row["quality_loss"]), str(row.get("modality"))):
         return None
     se = float(row["log_speedup_se"]) if "log_speedup_se" in row and np.isfinite(row["log_speedup_se"]) else 0.0
     return float(row["log_speedup"]), se
@@ -167,16 +166,18 @@ def tied_with_oracle(rows: pd.DataFrame, choice: str, oracle_choice: str, budget
 
 def learner_choice(learner: MetaLearner, rows: pd.DataFrame, budget: Budget) -> str:
     """The meta-learner's pick among the configurations measured in one context."""
-    predicted = pd.concat([rows[["configuration", "lossless"]], learner.predict_frame(rows[list(FEATURE_NAMES)])],
-                          axis=1)
+    predicted = pd.concat([rows[["configuration", "lossless"]],
+                           learner.predict_frame(rows[[*FEATURE_NAMES, "lossless"]])], axis=1)
     return decide(predicted, budget).configuration
 
 
 def best_on_average_choice(train: pd.DataFrame, rows: pd.DataFrame, budget: Budget) -> str:
-    """The available configuration with the best mean training speedup, if that mean beats 1.0."""
-    stats = train.groupby("configuration").agg(log_speedup=("log_speedup", "mean"),
-                                               quality=("quality_loss_points", "mean"), lossless=("lossless", "first"))
-    stats = stats[[budget.allows(bool(l), float(q)) for l, q in zip(stats["lossless"], stats["quality"])]]
+    """The available configuration with the best mean training speedup on this context's modality (quality
+    losses are in the modality's unit), if that mean beats 1.0."""
+    same = train[train["modality"].isin(set(rows["modality"]))]
+    stats = same.groupby("configuration").agg(log_speedup=("log_speedup", "mean"), quality=("quality_loss", "mean"),
+                                              lossless=("lossless", "first"), modality=("modality", "first"))
+    stats = stats[budget.allowed(stats, "quality")]
     stats = stats[stats.index.isin(rows["configuration"])]
     if stats.empty or stats["log_speedup"].max() <= 0:
         return BASELINE_CONFIGURATION

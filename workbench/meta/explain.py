@@ -233,8 +233,7 @@ def counterfactual(learner: MetaLearner, rows: pd.DataFrame, budget: Budget, cur
 
 def _best_allowed(predicted: pd.DataFrame, budget: Budget) -> pd.Series | None:
     """The allowed candidate with the highest lower bound, or None."""
-    allowed = predicted[[budget.allows(bool(l), float(q)) for l, q in
-                         zip(predicted["lossless"], predicted["predicted_quality_loss_points"])]]
+    allowed = predicted[budget.allowed(predicted, "predicted_quality_loss")]
     return None if allowed.empty else allowed.sort_values("speedup_low", ascending=False).iloc[0]
 
 

@@ -12,7 +12,9 @@ no technique by name); a feature a technique does not set is "not applicable" (N
 ``FEATURES`` is the one documented schema: each feature's name, kind (numeric or categorical), unit,
 where it comes from and whether a user can act on it (counterfactuals only vary actionable ones).
 Targets are ``log_speedup`` (natural log of baseline time / technique time) and
-``quality_loss_points`` (0 for identical outputs; see :func:`quality_loss_points`).
+``quality_loss`` in the modality's own unit (perplexity increase %, accuracy drop in points, 1 - SSIM;
+see :data:`workbench.quality.LOSS_SCALES`; NaN when the run has no figure in that unit). Runs measured
+on a noisy machine (``noisy``) count with a tripled standard error and a fifth of the weight.
 
 Example:
     >>> from workbench.store import Store
@@ -104,7 +106,9 @@ NUMERIC_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == 
 CATEGORICAL_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "categorical")
 CONFIGURATION_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group in ("configuration", "pair"))
 CONTEXT_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.name not in CONFIGURATION_FEATURES)
-TARGETS: tuple[str, ...] = ("log_speedup", "quality_loss_points")
+TARGETS: tuple[str, ...] = ("log_speedup", "quality_loss")
+NOISY_SE_FACTOR = 3.0  # a run flagged "noisy machine" pools with 3x its standard error (1/9 the weight)
+NOISY_WEIGHT = 0.2  # sample weight of a (context, configuration) measured only on a noisy machine
 #: Columns beside the features: identity and provenance of each row.
 KEY_COLUMNS: tuple[str, ...] = ("context", "model", "workload", "machine_id", "lossless", "params", "draft",
                                 "draft_parameters", "run_ids")
@@ -161,42 +165,17 @@ def is_lossless(technique: str, params: Mapping[str, Any] | None = None) -> bool
         return False
 
 
-def quality_loss_points(quality: Mapping[str, Any] | None, modality: str) -> float:
-    """How much quality a run gave up, on one 0-100 "points" scale (0 = outputs identical).
-
-    - text generation: the larger of 100 x (1 - token agreement with the baseline) and the perplexity
-      increase in percent;
-    - text classification: the accuracy drop in points (or 100 x (1 - agreement) without labels);
-    - image generation: the larger of 100 x (1 - SSIM against the reference) and the judge's
-      accuracy drop in points.
+def quality_loss(quality: Mapping[str, Any] | None, modality: str, lossless: bool = False) -> float:
+    """How much quality a run gave up, in its modality's unit (perplexity %, accuracy points, 1 - SSIM);
+    see :func:`workbench.quality.quality_loss`. NaN when unknown.
 
     Example:
-        >>> quality_loss_points({"token_agreement": 0.97}, "text-generation")
-        3.0
+        >>> quality_loss({"token_agreement": 0.97}, "text-generation")
+        nan
     """
-    q = quality or {}
+    from workbench import quality as quality_module
 
-    def num(key: str) -> float | None:
-        value = q.get(key)
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-    losses: list[float] = []
-    if modality == "text-generation":
-        if num("token_agreement") is not None:
-            losses.append(100 * (1 - num("token_agreement")))
-        if num("perplexity_change_percent") is not None:
-            losses.append(num("perplexity_change_percent"))
-    elif modality == "text-classification":
-        if num("accuracy_change_points") is not None:
-            losses.append(-num("accuracy_change_points"))
-        elif num("agreement") is not None:
-            losses.append(100 * (1 - num("agreement")))
-    else:
-        if num("ssim_technique_vs_reference") is not None:
-            losses.append(100 * (1 - num("ssim_technique_vs_reference")))
-        if num("judge_accuracy_change_points") is not None:
-            losses.append(-num("judge_accuracy_change_points"))
-    return round(max([0.0, *losses]), 6) if losses else float("nan")
+    return quality_module.quality_loss(quality, modality, lossless)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,9 +191,9 @@ def run_features(runs: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         A DataFrame with ``KEY_COLUMNS``, ``FEATURE_NAMES``, ``TARGETS``, ``log_speedup_se`` (from the
-        run's bootstrap interval), ``run_id`` and ``created_at``.
+        run's bootstrap interval), ``noisy``, ``run_id`` and ``created_at``.
     """
-    columns = ["run_id", "created_at", *KEY_COLUMNS[:-1], *FEATURE_NAMES, *TARGETS, "log_speedup_se"]
+    columns = ["run_id", "created_at", *KEY_COLUMNS[:-1], *FEATURE_NAMES, *TARGETS, "log_speedup_se", "noisy"]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     rows = []
@@ -261,7 +240,10 @@ def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:
     row["lossless"] = bool(stored) if isinstance(stored, (bool, np.bool_)) else is_lossless(run["technique"], params)
     row["log_speedup"] = math.log(float(run["speedup"]))
     row["log_speedup_se"] = _log_standard_error(run.get("speedup_ci_low"), run.get("speedup_ci_high"))
-    row["quality_loss_points"] = quality_loss_points(run.get("quality"), modality)
+    row["noisy"] = bool(run.get("noisy")) if isinstance(run.get("noisy"), (bool, np.bool_)) else False
+    if row["noisy"]:  # a contended measurement counts less when pooled with quiet ones
+        row["log_speedup_se"] *= NOISY_SE_FACTOR
+    row["quality_loss"] = quality_loss(run.get("quality"), modality, row["lossless"])
     return row
 
 
@@ -402,14 +384,17 @@ def training_table(features: pd.DataFrame) -> pd.DataFrame:
         True
     """
     if features.empty:
-        return pd.DataFrame(columns=[*KEY_COLUMNS, *FEATURE_NAMES, *TARGETS, "log_speedup_se", "n_runs"])
+        return pd.DataFrame(columns=[*KEY_COLUMNS, *FEATURE_NAMES, *TARGETS, "log_speedup_se", "n_runs", "noisy",
+                                     "weight"])
     grouped = features.groupby(["context", "configuration"], sort=True, dropna=False)
     first = grouped.first()
     table = first[[c for c in [*KEY_COLUMNS, *FEATURE_NAMES] if c in first.columns and c != "configuration"]].copy()
     pooled = {key: pool_log_speedups(group["log_speedup"], group["log_speedup_se"]) for key, group in grouped}
     table["log_speedup"] = [pooled[key][0] for key in table.index]
     table["log_speedup_se"] = [pooled[key][1] for key in table.index]
-    table["quality_loss_points"] = grouped["quality_loss_points"].mean()
+    table["quality_loss"] = grouped["quality_loss"].mean()  # NaN only when no run had a figure
+    table["noisy"] = grouped["noisy"].all() if "noisy" in features.columns else False
+    table["weight"] = np.where(table["noisy"], NOISY_WEIGHT, 1.0)  # sample weight for the learner
     table["n_runs"] = grouped.size()
     table["run_ids"] = grouped["run_id"].agg(lambda ids: sorted(ids))
     return table.reset_index()

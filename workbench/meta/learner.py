@@ -2,7 +2,7 @@
 
 :class:`MetaLearner` is a scikit-learn-style regressor over the feature table of
 :mod:`workbench.meta.features`: ``predict`` gives the log speedup, ``predict_interval`` a lower/upper
-bound, ``predict_quality_loss`` the quality loss in points. Two learners:
+bound, ``predict_quality_loss`` the quality loss in the modality's unit. Two learners:
 
 - ``"boosting"`` (default): gradient boosting for the point estimate plus two quantile-loss boosters for
   the interval (``quantile`` and ``1 - quantile``) and one for quality;
@@ -26,8 +26,8 @@ Example:
     >>> from workbench.store import Store
     >>> from workbench.meta import features
     >>> table = features.training_table(features.run_features(Store("sqlite:///data/seed/seed.sqlite").runs()))  # doctest: +SKIP
-    >>> learner = MetaLearner(random_state=0).fit(table, table["log_speedup"], table["quality_loss_points"])  # doctest: +SKIP
-    >>> Budget.parse("accuracy<=1").max_quality_loss_points
+    >>> learner = MetaLearner(random_state=0).fit(table, table["log_speedup"], table["quality_loss"])  # doctest: +SKIP
+    >>> Budget.parse("accuracy<=1").bound("text-classification")
     1.0
 """
 
@@ -46,6 +46,8 @@ from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.tree import DecisionTreeRegressor, export_text
 
 from workbench.errors import WorkbenchError
+from workbench.measure import MARGIN_PERCENT
+from workbench.quality import LOSS_SCALES
 from workbench.meta.features import (
     BASELINE_CONFIGURATION,
     CATEGORICAL_FEATURES,
@@ -56,7 +58,7 @@ from workbench.meta.features import (
 LEARNERS = ("boosting", "tree")
 PRIORS = ("configuration", "none")
 MISSING_NUMBER = -1.0  # stands for "not applicable / unknown" in numeric features (trees split it off)
-_BUDGET = re.compile(r"^\s*(accuracy|quality|loss)\s*<=\s*(\d+(?:\.\d+)?)\s*$", re.IGNORECASE)
+_BUDGET = re.compile(r"^(perplexity|accuracy|ssim)\s*(<=|>=)\s*(\d+(?:\.\d+)?|\.\d+)\s*(%|points?)?$")
 
 
 class MetaLearnerError(WorkbenchError):
@@ -70,45 +72,104 @@ class MetaLearnerError(WorkbenchError):
 
 @dataclass(frozen=True)
 class Budget:
-    """How much quality a recommendation may give up.
+    """How much quality a recommendation may give up, per modality, in that modality's unit.
+
+    Clauses (comma-separated): ``lossless`` (identical outputs only), ``any``, ``perplexity<=X%``
+    (language models: perplexity increase in percent), ``accuracy<=X`` (classifiers: accuracy drop in
+    points), ``ssim>=X`` (images: SSIM to the many-step reference). A modality the budget does not name
+    keeps its default bound (``perplexity<=2%``, ``accuracy<=1``, ``ssim>=0.9``), and :meth:`describe` says
+    so. An unknown loss (NaN: the run has no figure in that unit) never fits a budget that is not ``any``.
 
     Example:
-        >>> Budget.parse("lossless").allows(lossless=False, quality_loss_points=0.0)
+        >>> Budget.parse("lossless").allows(lossless=False, loss=0.0, modality="text-generation")
         False
-        >>> Budget.parse("accuracy<=1").allows(lossless=False, quality_loss_points=0.4)
+        >>> Budget.parse("accuracy<=1").allows(lossless=False, loss=0.4, modality="text-classification")
         True
+        >>> Budget.parse("perplexity<=2%, ssim>=0.95").bound("image-generation")
+        0.05
     """
 
-    text: str  # as the user wrote it: lossless, any, accuracy<=1, loss<=2.5
-    max_quality_loss_points: float  # the largest quality loss allowed (0-100 points scale); inf: any
+    text: str  # as the user wrote it: lossless, any, accuracy<=1, perplexity<=2%, ssim>=0.9
+    bounds: tuple[tuple[str, float], ...] = ()  # (modality, largest loss allowed in its unit), named ones
     lossless: bool = False  # only techniques that promise identical outputs (Technique.lossless)
+    unbounded: bool = False  # ``any``: every loss allowed, even an unknown one
 
     def __post_init__(self) -> None:
-        if not self.max_quality_loss_points >= 0:
-            raise MetaLearnerError(f"budget {self.text!r} allows a negative loss: use e.g. accuracy<=1")
+        for modality, bound in self.bounds:
+            if not bound >= 0:
+                raise MetaLearnerError(f"budget {self.text!r} allows a negative loss for {modality}: use e.g. "
+                                       f"{LOSS_SCALES[modality].example}")
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """``lossless``, ``any``, or ``accuracy<=X`` / ``quality<=X`` / ``loss<=X`` (X in points)."""
+        """``lossless``, ``any``, or clauses ``perplexity<=X%``, ``accuracy<=X``, ``ssim>=X`` (comma-separated)."""
         cleaned = str(text).strip().lower()
         if cleaned == "lossless":
-            return cls("lossless", 0.0, lossless=True)
+            return cls("lossless", lossless=True)
         if cleaned == "any":
-            return cls("any", math.inf)
-        match = _BUDGET.match(cleaned)
-        if not match:
-            raise MetaLearnerError(
-                f"budget {text!r} is not understood: use lossless, any, or accuracy<=X (X quality points "
-                "lost, e.g. accuracy<=1)"
-            )
-        return cls(cleaned.replace(" ", ""), float(match.group(2)))
+            return cls("any", unbounded=True)
+        bounds: dict[str, float] = {}
+        for clause in [c.strip() for c in re.split(r"[,;]|\band\b", cleaned) if c.strip()]:
+            match = _BUDGET.match(clause)
+            if not match:
+                legacy = " The 0-100 'points' scale for every modality is retired." if re.match(
+                    r"^(quality|loss)\s*<=", clause) else ""
+                raise MetaLearnerError(
+                    f"budget {text!r} is not understood ({clause!r}).{legacy} Use lossless, any, or clauses in each "
+                    "modality's unit: perplexity<=2% (language models), accuracy<=1 (classifiers, points), "
+                    "ssim>=0.9 (images), e.g. --budget 'perplexity<=2%,accuracy<=1'")
+            metric, operator, number = match.group(1), match.group(2), float(match.group(3))
+            modality = next(m for m, scale in LOSS_SCALES.items() if scale.metric == metric)
+            if metric == "ssim":
+                if operator != ">=" or not 0.0 <= number <= 1.0:
+                    raise MetaLearnerError(f"budget clause {clause!r} is invalid: SSIM is a floor between 0 and 1, "
+                                           "e.g. ssim>=0.9")
+                bounds[modality] = round(1.0 - number, 12)
+            else:
+                if operator != "<=":
+                    raise MetaLearnerError(f"budget clause {clause!r} is invalid: {metric} is a ceiling on the "
+                                           f"loss, e.g. {LOSS_SCALES[modality].example}")
+                bounds[modality] = number
+        written = ",".join(c.replace(" ", "") for c in re.split(r"[,;]|\band\b", cleaned) if c.strip())
+        return cls(written, tuple(sorted(bounds.items())))
 
-    def allows(self, lossless: bool, quality_loss_points: float) -> bool:
-        """Whether a configuration with this lossless promise and quality loss fits the budget."""
+    def bound(self, modality: str) -> float:
+        """The largest loss allowed for ``modality``, in its unit (0 for lossless, inf for any)."""
+        if self.lossless:
+            return 0.0
+        if self.unbounded:
+            return math.inf
+        named = dict(self.bounds)
+        if modality in named:
+            return named[modality]
+        scale = LOSS_SCALES.get(modality)
+        return scale.default_bound if scale else 0.0
+
+    def describe(self) -> str:
+        """The whole budget in words, defaults included: 'accuracy<=1 (perplexity<=2%, ssim>=0.9 by default)'."""
+        if self.lossless or self.unbounded:
+            return self.text
+        named = dict(self.bounds)
+        defaults = [scale.example for modality, scale in LOSS_SCALES.items() if modality not in named]
+        return self.text + (f" ({', '.join(defaults)} by default)" if defaults else "")
+
+    def allows(self, lossless: bool, loss: float | None, modality: str) -> bool:
+        """Whether a configuration with this lossless promise and quality loss (in ``modality``'s unit)
+        fits the budget; an unknown loss fits only ``any``."""
         if self.lossless:
             return bool(lossless)
-        loss = 0.0 if quality_loss_points is None or math.isnan(quality_loss_points) else quality_loss_points
-        return bool(lossless) or loss <= self.max_quality_loss_points
+        if lossless or self.unbounded:
+            return True
+        if loss is None or not math.isfinite(loss):
+            return False
+        return loss <= self.bound(modality) + 1e-12
+
+    def allowed(self, frame: pd.DataFrame, loss: str) -> list[bool]:
+        """:meth:`allows` for every row of ``frame`` (columns ``lossless``, ``modality`` and ``loss``)."""
+        if "modality" not in frame.columns:  # a loss without its unit cannot be judged
+            raise ValueError("Budget.allowed needs a modality column beside the loss (its unit)")
+        return [self.allows(bool(lossless), None if q is None else float(q), str(modality))
+                for lossless, q, modality in zip(frame["lossless"], frame[loss], frame["modality"])]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,9 +216,11 @@ class MetaLearner(RegressorMixin, BaseEstimator):
 
     # -- fitting -----------------------------------------------------------------------------------
 
-    def fit(self, X: pd.DataFrame, y: Any, quality_loss_points: Any = None) -> MetaLearner:
+    def fit(self, X: pd.DataFrame, y: Any, quality_loss: Any = None, sample_weight: Any = None) -> MetaLearner:
         """Learn from a feature table ``X`` (columns ``FEATURE_NAMES``), log speedups ``y`` and,
-        optionally, quality losses in points (default: zero)."""
+        optionally, quality losses in each row's modality unit (default: zero; NaN rows, whose loss is
+        unknown, do not train the quality model) and sample weights (default: the table's ``weight``
+        column when there is one, which is lower for runs measured on a noisy machine)."""
         # 1. Check the settings and the data.
         if self.learner not in LEARNERS:
             raise MetaLearnerError(f"learner={self.learner!r} is unknown: use one of {', '.join(LEARNERS)}")
@@ -173,8 +236,11 @@ class MetaLearner(RegressorMixin, BaseEstimator):
                 f"need at least 2 training rows with one target each (got {len(X)} rows, {len(target)} targets): "
                 "run `workbench sweep` for more runs"
             )
-        quality = np.zeros(len(target)) if quality_loss_points is None else np.nan_to_num(
-            np.asarray(quality_loss_points, dtype=float), nan=0.0)
+        quality = np.zeros(len(target)) if quality_loss is None else np.asarray(quality_loss, dtype=float)
+        known = np.isfinite(quality)  # rows whose loss was measured in their modality's unit
+        if sample_weight is None and "weight" in X.columns:
+            sample_weight = X["weight"]
+        weight = np.ones(len(target)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
         # 2. Encoding: categories seen in training; numbers as they are, missing as -1.
         self.categories_ = {name: sorted({str(v) for v in X[name]}) for name in CATEGORICAL_FEATURES}
         self.encoded_columns_ = list(NUMERIC_FEATURES) + [
@@ -185,9 +251,10 @@ class MetaLearner(RegressorMixin, BaseEstimator):
         matrix = self.encode(X)
         # 3. The priors (each configuration's shrunk mean); the trees learn what is left.
         self.speed_prior_ = self._fit_prior(X, target)
-        self.quality_prior_ = self._fit_prior(X, quality)
+        self.quality_prior_ = self._fit_prior(X[known], quality[known], within_modality=True) if known.any() \
+            else {"overall": math.nan, "spread": math.nan, "levels": {}}
         target = target - self.prior_of(X, "speed")
-        quality = quality - self.prior_of(X, "quality")
+        quality = quality[known] - self.prior_of(X[known], "quality")
         # 4. Models.
         depth = self.max_depth or 3
         leaf = self.min_samples_leaf or (2 if self.learner == "boosting" else 5)
@@ -198,17 +265,19 @@ class MetaLearner(RegressorMixin, BaseEstimator):
                     min_samples_leaf=leaf, subsample=0.8 if len(target) >= 20 else 1.0,
                     random_state=self.random_state, **loss)
 
-            self.speed_model_ = booster().fit(matrix, target)
-            self.speed_low_model_ = booster(loss="quantile", alpha=self.quantile).fit(matrix, target)
-            self.speed_high_model_ = booster(loss="quantile", alpha=1 - self.quantile).fit(matrix, target)
-            self.quality_model_ = booster().fit(matrix, quality)
+            self.speed_model_ = booster().fit(matrix, target, sample_weight=weight)
+            self.speed_low_model_ = booster(loss="quantile", alpha=self.quantile).fit(matrix, target,
+                                                                                      sample_weight=weight)
+            self.speed_high_model_ = booster(loss="quantile", alpha=1 - self.quantile).fit(matrix, target,
+                                                                                           sample_weight=weight)
+            self.quality_model_ = booster().fit(*self._quality_rows(matrix, known, quality, weight))
         else:
             def tree(d: int) -> DecisionTreeRegressor:
                 return DecisionTreeRegressor(max_depth=d, min_samples_leaf=leaf,
                                              random_state=self.random_state)
 
-            self.speed_model_ = tree(depth).fit(matrix, target)
-            self.quality_model_ = tree(max(depth - 1, 1)).fit(matrix, quality)
+            self.speed_model_ = tree(depth).fit(matrix, target, sample_weight=weight)
+            self.quality_model_ = tree(max(depth - 1, 1)).fit(*self._quality_rows(matrix, known, quality, weight))
             leaves = self.speed_model_.apply(matrix)
             self.leaf_ids_ = np.unique(leaves)
             self.leaf_low_ = np.array([np.quantile(target[leaves == leaf], self.quantile) for leaf in self.leaf_ids_])
@@ -220,10 +289,23 @@ class MetaLearner(RegressorMixin, BaseEstimator):
         self.residual_std_ = float(np.std(target - self.speed_model_.predict(matrix)))
         return self
 
-    def _fit_prior(self, X: pd.DataFrame, target: np.ndarray) -> dict[str, Any]:
+    @staticmethod
+    def _quality_rows(matrix: np.ndarray, known: np.ndarray, quality: np.ndarray,
+                      weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The quality model's training rows: those with a known loss, or one zero row when none is
+        known (its predictions then rest on the prior alone, which is NaN: unknown)."""
+        if known.any():
+            return matrix[known], quality, weight[known]
+        return matrix[:1], np.zeros(1), np.ones(1)
+
+    def _fit_prior(self, X: pd.DataFrame, target: np.ndarray, within_modality: bool = False) -> dict[str, Any]:
         """Means at four levels, each shrunk toward the next coarser one: (modality, configuration) ->
         (modality, technique) -> technique -> overall; and the spread (standard deviation) of the
-        targets at each level, which widens the interval of a row whose prior had to back off."""
+        targets at each level, which widens the interval of a row whose prior had to back off.
+
+        ``within_modality`` (quality losses, whose unit is the modality's): (modality, configuration) ->
+        (modality, technique) -> modality; predictions back off no further than (modality, technique): a
+        technique whose quality was never measured on a modality has an unknown (NaN) loss there."""
         frame = pd.DataFrame({"technique": X["technique"].astype(str).to_numpy(), "y": target,
                               "configuration": X["configuration"].astype(str).to_numpy(),
                               "modality": X["modality"].astype(str).to_numpy()})
@@ -235,14 +317,18 @@ class MetaLearner(RegressorMixin, BaseEstimator):
         k = float(self.prior_strength)
         levels: dict[str, dict[str, Any]] = {}
         frame_tech = dict(zip(frame["modality_configuration"], frame["technique"]))
-        parents = {"technique": lambda key: overall,
-                   "modality_technique": lambda key: levels["technique"]["mean"][key.split("|", 1)[1]],
+        # Quality losses are in each modality's own unit: their prior never borrows across modalities.
+        top = "modality" if within_modality else "technique"
+        parents = {"technique": lambda key: overall, "modality": lambda key: overall,
+                   "modality_technique": (lambda key: levels["modality"]["mean"][key.split("|", 1)[0]])
+                   if within_modality else (lambda key: levels["technique"]["mean"][key.split("|", 1)[1]]),
                    "modality_configuration": lambda key: levels["modality_technique"]["mean"][
                        f"{key.split('|', 1)[0]}|{frame_tech[key]}"]}
-        for level in ("technique", "modality_technique", "modality_configuration"):
+        for level in (top, "modality_technique", "modality_configuration"):
             stats = frame.groupby(level)["y"].agg(["sum", "size", "std"])
+            shrink = 0.0 if level == "modality" else k  # a modality's own mean is not shrunk across units
             levels[level] = {
-                "mean": {str(key): float((row["sum"] + k * parents[level](str(key))) / (row["size"] + k))
+                "mean": {str(key): float((row["sum"] + shrink * parents[level](str(key))) / (row["size"] + shrink))
                          for key, row in stats.iterrows()},
                 "spread": {str(key): float(row["std"]) if row["size"] >= 2 else spread
                            for key, row in stats.iterrows()},
@@ -253,15 +339,20 @@ class MetaLearner(RegressorMixin, BaseEstimator):
         prior = self.speed_prior_ if which == "speed" else self.quality_prior_
         levels = prior["levels"]
         if not levels:
-            return np.zeros(len(X)), np.zeros(len(X))
+            return np.full(len(X), prior["overall"], dtype=float), np.zeros(len(X))
+        within_modality = "modality" in levels  # a quality prior: nothing above the modality
         values, novelty = [], []
         for modality, technique, configuration in zip(X["modality"].astype(str), X["technique"].astype(str),
                                                       X["configuration"].astype(str)):
+            # A quality prior backs off no further than the technique on this modality: a technique whose
+            # quality was never measured on a modality has an unknown loss there (NaN), not the average of
+            # other techniques'.
             keys = (("modality_configuration", f"{modality}|{configuration}"),
-                    ("modality_technique", f"{modality}|{technique}"), ("technique", technique))
+                    ("modality_technique", f"{modality}|{technique}"),
+                    *(() if within_modality else (("technique", technique),)))
             found = next(((level, key) for level, key in keys if key in levels[level]["mean"]), None)
             if found is None:
-                values.append(prior["overall"])
+                values.append(math.nan if within_modality else prior["overall"])
                 novelty.append(prior["spread"])
             else:
                 level, key = found
@@ -270,7 +361,7 @@ class MetaLearner(RegressorMixin, BaseEstimator):
         return np.asarray(values, dtype=float), np.asarray(novelty, dtype=float)
 
     def prior_of(self, X: pd.DataFrame, which: str = "speed") -> np.ndarray:
-        """The prior per row (``which``: ``"speed"``, log speedup, or ``"quality"``, points): the shrunk
+        """The prior per row (``which``: ``"speed"``, log speedup, or ``"quality"``, the modality's unit): the shrunk
         training mean of the row's configuration on its modality, else of its technique on its modality,
         else of its technique, else the overall mean."""
         return self._prior_lookup(X, which)[0]
@@ -318,16 +409,21 @@ class MetaLearner(RegressorMixin, BaseEstimator):
                 np.maximum.reduce([prior + high, point, point + z * novelty]))
 
     def predict_quality_loss(self, X: pd.DataFrame) -> np.ndarray:
-        """Predicted quality loss in points (>= 0)."""
-        return np.clip(self.prior_of(X, "quality") + self.quality_model_.predict(self.encode(X)), 0.0, None)
+        """Predicted quality loss in each row's modality unit (perplexity %, accuracy points, 1 - SSIM);
+        NaN where no training run had a figure in that unit."""
+        return self.prior_of(X, "quality") + self.quality_model_.predict(self.encode(X))
 
     def predict_frame(self, X: pd.DataFrame) -> pd.DataFrame:
         """Predictions as a DataFrame: ``predicted_speedup``, ``speedup_low``, ``speedup_high``,
-        ``predicted_quality_loss_points`` (speedups as ratios, not logs)."""
+        ``predicted_quality_loss`` (speedups as ratios, not logs; the loss in the row's modality unit, 0 for
+        a row whose ``lossless`` column is true) and the ``modality`` the loss is measured in."""
         low, high = self.predict_interval(X)
+        loss = self.predict_quality_loss(X)
+        if "lossless" in X.columns:  # identical outputs lose nothing, whatever the trees' residuals say
+            loss = np.where(X["lossless"].astype(bool).to_numpy(), 0.0, loss)
         return pd.DataFrame({
             "predicted_speedup": np.exp(self.predict(X)), "speedup_low": np.exp(low), "speedup_high": np.exp(high),
-            "predicted_quality_loss_points": self.predict_quality_loss(X),
+            "predicted_quality_loss": loss, "modality": X["modality"].astype(str).to_numpy(),
         }, index=X.index)
 
     def rules(self) -> str:
@@ -355,10 +451,11 @@ class Decision:
     reason: str  # one sentence
 
 
-def decide(table: pd.DataFrame, budget: Budget, min_speedup: float = 1.0,
+def decide(table: pd.DataFrame, budget: Budget, min_speedup: float = 1.0 + MARGIN_PERCENT / 100.0,
            speed: str = "predicted_speedup", low: str = "speedup_low",
-           quality: str = "predicted_quality_loss_points") -> Decision:
-    """The allowed candidate with the best ``speed`` whose ``low`` bound beats ``min_speedup``.
+           quality: str = "predicted_quality_loss") -> Decision:
+    """The allowed candidate with the best ``speed`` whose ``low`` bound beats ``min_speedup`` (by default
+    the edge of the equivalence band: a predicted gain of under 2% is "no practical difference").
 
     Args:
         table: one row per candidate with ``configuration``, ``lossless`` and the named columns.
@@ -367,14 +464,13 @@ def decide(table: pd.DataFrame, budget: Budget, min_speedup: float = 1.0,
     Example:
         >>> t = pd.DataFrame({"configuration": ["a", "b"], "lossless": [True, False],
         ...                   "predicted_speedup": [1.5, 2.0], "speedup_low": [1.1, 1.4],
-        ...                   "predicted_quality_loss_points": [0.0, 3.0]})
+        ...                   "predicted_quality_loss": [0.0, 3.0]})
         >>> decide(t, Budget.parse("lossless")).configuration
         'a'
     """
     if table.empty:
         return Decision(BASELINE_CONFIGURATION, True, "no candidate configuration applies to this context")
-    allowed = table[[budget.allows(bool(lossless), float(q))
-                     for lossless, q in zip(table["lossless"], table[quality])]]
+    allowed = table[budget.allowed(table, quality)]
     if allowed.empty:
         return Decision(BASELINE_CONFIGURATION, True,
                         f"no candidate fits the quality budget {budget.text!r}: keep the baseline")

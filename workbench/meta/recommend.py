@@ -19,11 +19,13 @@ from workbench.errors import WorkbenchError
 from workbench.meta import explain, features
 from workbench.meta.features import BASELINE_CONFIGURATION, FEATURE_NAMES
 from workbench.meta.learner import Budget, MetaLearner, decide
+from workbench.measure import MARGIN_PERCENT
+from workbench.quality import LOSS_SCALES, loss_text
 
 NO_RUNS_HINT = ("run `workbench sweep` or import the seed with `workbench import data/seed/runs.parquet`")
 #: Columns of the training table kept inside a saved learner (for explanations and provenance).
 KEPT_COLUMNS = list(dict.fromkeys(["context", "model", "workload", "machine_id", "configuration", "lossless",
-                                   "n_runs", *FEATURE_NAMES, "log_speedup", "quality_loss_points"]))
+                                   "n_runs", *FEATURE_NAMES, "log_speedup", "quality_loss"]))
 
 
 def train(runs: pd.DataFrame, learner: str = "boosting", random_state: int = 0,
@@ -43,7 +45,7 @@ def train(runs: pd.DataFrame, learner: str = "boosting", random_state: int = 0,
                              f"{source or 'the store'}): {NO_RUNS_HINT}")
     # 2. Fit, then keep candidates, the table and provenance beside the learned state.
     fitted = MetaLearner(learner=learner, random_state=random_state).fit(
-        table[list(FEATURE_NAMES)], table["log_speedup"], table["quality_loss_points"])
+        table[list(FEATURE_NAMES)], table["log_speedup"], table["quality_loss"], table["weight"])
     fitted.candidates_ = features.candidates(table).to_dict(orient="records")
     fitted.training_table_ = table[KEPT_COLUMNS].reset_index(drop=True)
     fitted.provenance_ = {
@@ -67,7 +69,7 @@ class Recommendation:
     predicted_speedup: float  # point prediction (1.0 for the baseline)
     speedup_low: float  # lower bound of the interval
     speedup_high: float  # upper bound of the interval
-    predicted_quality_loss_points: float  # 0-100 points scale; 0 for the baseline
+    predicted_quality_loss: float  # in the modality's unit (perplexity %, accuracy points, 1 - SSIM); 0: baseline
     fallback: bool  # the baseline was kept because no candidate was good and sure enough
     decision: str  # one sentence: why this choice
     best_candidate: str | None  # the best allowed candidate, even when the baseline was kept
@@ -88,37 +90,42 @@ class Recommendation:
         c = self.context
         lines = [f"context: {c.get('model')} on {c.get('workload')} ({c.get('modality')}), "
                  f"{c.get('device')}/{c.get('dtype')}, machine {c.get('machine_id')}",
-                 f"budget: {self.budget}"]
+                 f"budget: {Budget.parse(self.budget).describe()}"]
         if self.fallback:
             lines.append(f"recommendation: baseline (fallback) - {self.decision}")
         else:
             lines.append(f"recommendation: {self.configuration}")
             lines.append(f"predicted speedup: {self.predicted_speedup:.2f}x (80% interval "
-                         f"{self.speedup_low:.2f}x - {self.speedup_high:.2f}x), predicted quality loss "
-                         f"{self.predicted_quality_loss_points:.2f} points")
-            lines.append("fallback: the baseline, if the measured speedup's interval contains 1.0")
+                         f"{self.speedup_low:.2f}x - {self.speedup_high:.2f}x), predicted quality "
+                         f"{loss_text(self.predicted_quality_loss, str(c.get('modality')))}")
+            lines.append("fallback: the baseline, if the measured speedup's interval does not clear the "
+                         "+-2% band of no practical difference")
         explained = self.configuration if not self.fallback else self.best_candidate
         if explained:
             lines.append(f"reasons ({explained}):")
             lines += [f"  - {reason}" for reason in self.reasons] or ["  - (no feature moved the prediction)"]
         lines.append("counterfactual: " + (self.counterfactual or {}).get("text", "none computed"))
+        scale = LOSS_SCALES.get(str(c.get("modality")))
         shown = self.candidates[["configuration", "allowed", "predicted_speedup", "speedup_low", "speedup_high",
-                                 "predicted_quality_loss_points"]] if not self.candidates.empty else self.candidates
+                                 "predicted_quality_loss"]] if not self.candidates.empty else self.candidates
+        if scale is not None and not shown.empty:  # the loss column names its unit
+            shown = shown.rename(columns={"predicted_quality_loss": f"predicted {scale.label}"})
         lines.append("candidates:")
         lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}") if not shown.empty
                      else "  (none)")
         return "\n".join(lines)
 
 
-def recommend(learner: MetaLearner, context: dict[str, Any], budget: str | Budget = "accuracy<=1",
-              min_speedup: float = 1.0) -> Recommendation:
+def recommend(learner: MetaLearner, context: dict[str, Any], budget: str | Budget = "perplexity<=2%,accuracy<=1,ssim>=0.9",
+              min_speedup: float = 1.0 + MARGIN_PERCENT / 100.0) -> Recommendation:
     """Predict every known configuration in ``context`` and choose under ``budget``.
 
     Args:
         learner: a fitted learner from :func:`train` (or ``persist.load``).
         context: context features, from ``features.context_for(...)`` or a training row.
-        budget: ``lossless``, ``any`` or ``accuracy<=X``.
-        min_speedup: the lower bound a candidate must beat, else the baseline is kept.
+        budget: ``lossless``, ``any`` or clauses ``perplexity<=X%``, ``accuracy<=X``, ``ssim>=X``.
+        min_speedup: the lower bound a candidate must beat, else the baseline is kept (default: the edge of
+            the +-2% band of no practical difference).
     """
     # 1. Candidates for this context, predicted.
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
@@ -129,8 +136,7 @@ def recommend(learner: MetaLearner, context: dict[str, Any], budget: str | Budge
                               f"no configuration in the training data ran on {context.get('modality')} "
                               "workloads: keep the baseline; measure some with `workbench sweep`", None)
     predicted = pd.concat([rows[["configuration", "lossless"]], learner.predict_frame(rows)], axis=1)
-    predicted["allowed"] = [budget.allows(bool(l), float(q)) for l, q in
-                            zip(predicted["lossless"], predicted["predicted_quality_loss_points"])]
+    predicted["allowed"] = budget.allowed(predicted, "predicted_quality_loss")
     predicted = predicted.sort_values("predicted_speedup", ascending=False)
     # 2. The decision, and the candidate it is about.
     decision = decide(predicted, budget, min_speedup=min_speedup)
@@ -146,7 +152,7 @@ def recommend(learner: MetaLearner, context: dict[str, Any], budget: str | Budge
         predicted_speedup=float(chosen["predicted_speedup"]) if chosen is not None else 1.0,
         speedup_low=float(chosen["speedup_low"]) if chosen is not None else 1.0,
         speedup_high=float(chosen["speedup_high"]) if chosen is not None else 1.0,
-        predicted_quality_loss_points=float(chosen["predicted_quality_loss_points"]) if chosen is not None else 0.0,
+        predicted_quality_loss=float(chosen["predicted_quality_loss"]) if chosen is not None else 0.0,
         fallback=decision.fallback, decision=decision.reason,
         best_candidate=str(predicted.loc[best, "configuration"]) if best is not None else None,
         reasons=explain.reasons(parts) if not parts.empty else [], counterfactual=flip,

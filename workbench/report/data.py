@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from workbench.errors import WorkbenchError
+from workbench.quality import loss_text
 from workbench.report.params import ReportParams
 
 
@@ -33,25 +34,29 @@ def machine_label(machine_id: Any, device: Any) -> str:
     return f"{str(machine_id or 'unknown')[:8]} ({device or 'cpu'})"
 
 
-def results_table(runs: pd.DataFrame, budget: str = "accuracy<=1") -> pd.DataFrame:
+def results_table(runs: pd.DataFrame, budget: str = "perplexity<=2%,accuracy<=1,ssim>=0.9") -> pd.DataFrame:
     """One row per (model, workload, machine, configuration) measured successfully: speed and quality.
 
-    Speed is the median speedup over the baseline across runs, with the median of the runs' own 95%
-    bootstrap intervals (``speedup_ci_low`` / ``_high``); ``latency_saving_percent`` is
-    ``100 * (1 - 1/speedup)`` (negative: slower). Quality is ``quality_loss_points`` (0 = identical
-    output) beside the last run's quality in words.
+    Speed is the median speedup over the baseline across runs (per output token for generation), with
+    the median of the runs' own 95% bootstrap intervals (``speedup_ci_low`` / ``_high``) and the verdict
+    of that interval against the +-2% band of no practical difference; ``latency_saving_percent`` is
+    ``100 * (1 - 1/speedup)`` (negative: slower). Quality is ``quality_loss`` in the modality's own unit
+    (perplexity %, accuracy points, 1 - SSIM), also in words with its unit (``quality_loss_text``), beside
+    the last run's quality figures. ``noisy_runs`` counts runs measured on a noisy machine.
 
     Example:
         >>> results_table(pd.DataFrame()).empty
         True
     """
     from workbench.display import quality_text
+    from workbench.measure import verdict
     from workbench.meta import features
     from workbench.meta.learner import Budget
+    from workbench.quality import loss_text
 
-    columns = ["model", "workload", "machine", "machine_id", "device", "technique", "configuration", "n_runs",
-               "speedup", "speedup_ci_low", "speedup_ci_high", "latency_saving_percent", "verdict",
-               "quality_loss_points", "lossless", "within_budget", "quality"]
+    columns = ["model", "workload", "machine", "machine_id", "device", "modality", "technique", "configuration",
+               "n_runs", "noisy_runs", "speedup", "speedup_ci_low", "speedup_ci_high", "latency_saving_percent",
+               "verdict", "quality_loss", "quality_loss_text", "lossless", "within_budget", "quality"]
     table = features.run_features(runs) if not runs.empty else pd.DataFrame()
     if table.empty:
         return pd.DataFrame(columns=columns)
@@ -60,30 +65,31 @@ def results_table(runs: pd.DataFrame, budget: str = "accuracy<=1") -> pd.DataFra
     table = table.drop(columns=[c for c in ("device", "technique") if c in table.columns]).merge(extra, on="run_id")
     parsed = Budget.parse(budget)
     rows = []
-    keys = ["model", "workload", "machine_id", "device", "technique", "configuration"]
+    keys = ["model", "workload", "machine_id", "device", "modality", "technique", "configuration"]
     for key, group in table.sort_values("created_at").groupby(keys, sort=True):
         row = dict(zip(keys, key))
         speedup = float(group["speedup"].median())
         low = float(group["speedup_ci_low"].median()) if group["speedup_ci_low"].notna().any() else math.nan
         high = float(group["speedup_ci_high"].median()) if group["speedup_ci_high"].notna().any() else math.nan
-        loss = float(group["quality_loss_points"].mean())
+        loss = float(group["quality_loss"].mean()) if group["quality_loss"].notna().any() else math.nan
         lossless = bool(group["lossless"].iloc[-1])
-        row.update(machine=machine_label(row["machine_id"], row["device"]), n_runs=len(group), speedup=speedup,
+        row.update(machine=machine_label(row["machine_id"], row["device"]), n_runs=len(group),
+                   noisy_runs=int(group["noisy"].sum()), speedup=speedup,
                    speedup_ci_low=low, speedup_ci_high=high, latency_saving_percent=100.0 * (1.0 - 1.0 / speedup),
-                   verdict="faster" if low > 1.0 else "slower" if high < 1.0 else "no clear difference",
-                   quality_loss_points=loss, lossless=lossless,
-                   within_budget=parsed.allows(lossless, loss if math.isfinite(loss) else 0.0),
+                   verdict=verdict(low, high), quality_loss=loss, quality_loss_text=loss_text(loss, row["modality"]),
+                   lossless=lossless, within_budget=parsed.allows(lossless, loss, row["modality"]),
                    quality=quality_text(group["quality"].iloc[-1] or {}, group["quality_metrics"].iloc[-1]))
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
 
 
 def best_choices(results: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, workload, machine): the fastest configuration within budget whose interval is above
-    1.0, or a ``baseline`` row when none is (then ``best_measured`` names the fastest one anyway)."""
+    """Per (model, workload, machine): the fastest configuration within budget whose verdict is "faster"
+    (its interval clears the +-2% band), or a ``baseline`` row when none is (then ``best_measured`` names
+    the fastest one anyway)."""
     rows = []
     for (model, workload, machine), group in results.groupby(["model", "workload", "machine"], sort=True):
-        sure = group[group["within_budget"] & (group["speedup_ci_low"] > 1.0)].sort_values("speedup", ascending=False)
+        sure = group[group["within_budget"] & (group["verdict"] == "faster")].sort_values("speedup", ascending=False)
         fastest = group.sort_values("speedup", ascending=False).iloc[0]
         if sure.empty:
             rows.append({"model": model, "workload": workload, "machine": machine, "choice": "baseline",
@@ -108,13 +114,18 @@ def summary_sentences(results: pd.DataFrame, runs: pd.DataFrame, window_text: st
                 "Run `workbench run ...` or widen --since."]
     ok = int((runs["status"] == "ok").sum())
     lines = [f"{len(runs)} runs in this window ({window_text}): {ok} succeeded, {len(runs) - ok} failed or skipped."]
+    noisy = int((runs["noisy"] == True).sum()) if "noisy" in runs.columns else 0  # noqa: E712 (NULL: not measured)
+    if noisy:
+        lines.append(f"{noisy} of them ran on a noisy machine (other processes used the cores meanwhile): their "
+                     "speed figures are suspect and count less in the recommendations.")
     if results.empty:
         return lines + ["No successful comparison with a baseline in this window: no technique can be recommended."]
     for choice in best_choices(results).to_dict(orient="records"):
         row, where = choice["row"], f"{choice['workload']} with {choice['model']} on machine {choice['machine']}"
         if choice["choice"] == "baseline":
             lines.append(f"For {where}: keep the baseline (no acceleration). No technique was faster with "
-                         f"confidence within the quality budget; the fastest measured was {row['configuration']} "
+                         f"confidence (beyond the +-2% band of no practical difference) within the quality budget; "
+                         f"the fastest measured was {row['configuration']} "
                          f"at {_ci_text(row)}, quality: {row['quality']}.")
         else:
             lines.append(f"For {where}: use {row['configuration']}. Expected latency saving about "
@@ -140,8 +151,9 @@ def changes_since(results: pd.DataFrame, previous: pd.DataFrame, previous_runs: 
     both["change"] = (both["speedup"] / both["speedup_before"]).apply(lambda r: abs(math.log(r)) if r > 0 else 0)
     for row in both.sort_values("change", ascending=False).head(top).to_dict(orient="records"):
         lines.append(f"{row['configuration']} ({row['workload']}, {row['model']}, {row['machine']}): speedup "
-                     f"{row['speedup_before']:.2f}x -> {row['speedup']:.2f}x, quality loss "
-                     f"{row['quality_loss_points_before']:.2f} -> {row['quality_loss_points']:.2f} points.")
+                     f"{row['speedup_before']:.2f}x -> {row['speedup']:.2f}x, quality "
+                     f"{loss_text(row['quality_loss_before'], row['modality'])} -> "
+                     f"{loss_text(row['quality_loss'], row['modality'])}.")
     new = merged[merged["_merge"] == "left_only"]
     gone = merged[merged["_merge"] == "right_only"]
     if len(new):
@@ -158,10 +170,11 @@ def recommendations(runs: pd.DataFrame, budget: str, learner: str = "boosting") 
     table is empty and ``note`` says so plainly (never an exception).
     """
     from workbench.meta import features
+    from workbench.meta.learner import Budget
     from workbench.meta.recommend import recommend, train
 
     columns = ["model", "workload", "machine", "recommendation", "predicted_speedup", "interval_80",
-               "predicted_quality_loss_points", "reasons", "fallback", "decision"]
+               "predicted_quality", "reasons", "fallback", "decision"]
     empty = pd.DataFrame(columns=columns)
     usable = len(features.training_table(features.run_features(runs))) if not runs.empty else 0
     if usable < 2:
@@ -186,14 +199,14 @@ def recommendations(runs: pd.DataFrame, budget: str, learner: str = "boosting") 
             "recommendation": rec.configuration + (" (fallback)" if rec.fallback else ""),
             "predicted_speedup": rec.predicted_speedup,
             "interval_80": f"{rec.speedup_low:.2f}-{rec.speedup_high:.2f}x",
-            "predicted_quality_loss_points": rec.predicted_quality_loss_points,
+            "predicted_quality": loss_text(rec.predicted_quality_loss, str(rec.context.get("modality"))),
             "reasons": "; ".join(rec.reasons) or "-",
-            "fallback": "baseline if the measured interval contains 1.0" if not rec.fallback else
+            "fallback": "baseline if the measured interval does not clear the +-2% band" if not rec.fallback else
                         f"baseline kept; best candidate {rec.best_candidate or 'none'}",
             "decision": rec.decision,
         })
     note = (f"Meta-learner ({learner}) trained on {len(fitted.provenance_['run_ids'])} runs in this window, "
-            f"{len(table)} (context, configuration) pairs; budget {budget}.")
+            f"{len(table)} (context, configuration) pairs; budget {Budget.parse(budget).describe()}.")
     return {"table": pd.DataFrame(rows, columns=columns), "note": note, "learner": fitted}
 
 

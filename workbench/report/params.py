@@ -61,7 +61,7 @@ class ReportParams:
     models: tuple[str, ...] = ()  # only these models (empty: all)
     machines: tuple[str, ...] = ()  # only these machine ids (empty: all)
     techniques: tuple[str, ...] = ()  # only these techniques (empty: all)
-    budget: str = "accuracy<=1"  # quality budget of recommendations: lossless, any, accuracy<=X points
+    budget: str = "perplexity<=2%,accuracy<=1,ssim>=0.9"  # quality budget: lossless, any, or perplexity<=X%, accuracy<=X (points), ssim>=X
     title: str = "Inference acceleration report"  # the heading of the page
     audience: str = "manager"  # manager (summary first, fewer tables) or engineer (every run listed)
 

@@ -56,31 +56,41 @@ def recommendations_html(data: dict[str, Any]) -> str:
 
 
 def tradeoff_figure(results: pd.DataFrame) -> Any:
-    """Speedup (with 95% CI error bars) against quality loss, one colour per technique, one panel per
-    machine; the dashed line at 1.0x is the baseline (below it: slower)."""
+    """Speedup (with 95% CI error bars) against quality loss, one panel per modality (each loss in its own
+    unit), one colour per technique, one symbol per machine; the dashed line at 1.0x is the baseline."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    machines = sorted(results["machine"].unique())
-    fig = make_subplots(rows=1, cols=len(machines), subplot_titles=[esc(m) for m in machines], shared_yaxes=True)
+    from workbench.quality import LOSS_SCALES
+
+    modalities = sorted(results["modality"].astype(str).unique())
+    fig = make_subplots(rows=1, cols=len(modalities), subplot_titles=[esc(m) for m in modalities], shared_yaxes=True)
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    symbols = ["circle", "square", "diamond", "triangle-up", "x", "star"]
+    machines = {machine: symbols[i % len(symbols)] for i, machine in enumerate(sorted(results["machine"].unique()))}
     for t, technique in enumerate(sorted(results["technique"].unique())):
-        for m, machine in enumerate(machines, start=1):
-            part = results[(results["technique"] == technique) & (results["machine"] == machine)]
+        for m, modality in enumerate(modalities, start=1):
+            part = results[(results["technique"] == technique) & (results["modality"] == modality)]
             if part.empty:
                 continue
-            hover = [esc(f"{r.configuration} | {r.model} | {r.workload} | {r.quality}") for r in part.itertuples()]
+            hover = [esc(f"{r.configuration} | {r.model} | {r.workload} | {r.machine} | {r.quality_loss_text} | "
+                         f"{r.quality}") for r in part.itertuples()]
             fig.add_trace(go.Scatter(
-                x=part["quality_loss_points"], y=part["speedup"], mode="markers", name=esc(technique),
-                legendgroup=technique, showlegend=m == 1, marker={"size": 11, "color": palette[t % len(palette)]},
+                x=part["quality_loss"], y=part["speedup"], mode="markers", name=esc(technique),
+                legendgroup=technique, showlegend=m == 1 or technique not in set(
+                    results[results["modality"].isin(modalities[:m - 1])]["technique"]),
+                marker={"size": 11, "color": palette[t % len(palette)],
+                        "symbol": [machines[machine] for machine in part["machine"]]},
                 error_y={"type": "data", "symmetric": False,
                          "array": (part["speedup_ci_high"] - part["speedup"]).clip(lower=0),
                          "arrayminus": (part["speedup"] - part["speedup_ci_low"]).clip(lower=0)},
                 hovertext=hover, hoverinfo="text+x+y"), row=1, col=m)
-            fig.update_xaxes(title_text="quality loss (points, 0 = identical)", row=1, col=m)
-        fig.add_hline(y=1.0, line_dash="dash", line_color="grey")
+    for m, modality in enumerate(modalities, start=1):
+        scale = LOSS_SCALES.get(modality)
+        fig.update_xaxes(title_text=scale.label if scale else "quality loss", row=1, col=m)
+    fig.add_hline(y=1.0, line_dash="dash", line_color="grey")
     fig.update_yaxes(title_text="speedup over baseline (x, 95% CI)", type="log", row=1, col=1)
-    fig.update_layout(title="Trade-off: speed against quality, per technique and machine", height=460,
+    fig.update_layout(title="Trade-off: speed against quality, per technique (symbol: machine)", height=460,
                       legend_title_text="technique")
     return fig
 
@@ -88,8 +98,8 @@ def tradeoff_figure(results: pd.DataFrame) -> Any:
 def evidence_html(data: dict[str, Any]) -> str:
     """Run counts, every configuration's speed beside its quality and uncertainty, failed runs and why."""
     results = data["results"].copy()
-    shown = ["model", "workload", "machine", "configuration", "n_runs", "speedup", "speedup_ci_low",
-             "speedup_ci_high", "latency_saving_percent", "verdict", "quality_loss_points", "quality"]
+    shown = ["model", "workload", "machine", "configuration", "n_runs", "noisy_runs", "speedup", "speedup_ci_low",
+             "speedup_ci_high", "latency_saving_percent", "verdict", "quality_loss_text", "quality"]
     failed = data["failed"]
     failed_view = (failed[["created_at", "run_id", "status", "model", "technique", "failure_reason"]].assign(
         run_id=lambda f: f["run_id"].str[:12], created_at=lambda f: f["created_at"].dt.strftime("%Y-%m-%d %H:%M"))

@@ -15,9 +15,9 @@ from workbench import __version__
 from workbench.store._base import StoreError, _first_line, _safe_url, _to_utc
 from workbench.store.engine import LOCKED_ATTEMPTS
 
-SCHEMA_VERSION = 3  # 1: first release; 2: index on (spec_key, status) for resuming sweeps;
+SCHEMA_VERSION = 4  # 1: first release; 2: index on (spec_key, status) for resuming sweeps;
 # 3: the typed technique report as columns (lossless, bytes, quality metrics, features, headline), the
-# per-variant resources and the model's content digest
+# per-variant resources and the model's content digest; 4: what else used the machine (noise, noisy)
 
 
 
@@ -87,6 +87,9 @@ runs_table = sa.Table(
     sa.Column("quality_metrics", sa.Text, nullable=True),  # JSON: [{name, value, unit, higher_is_better ...}]
     sa.Column("technique_features", sa.Text, nullable=True),  # JSON: the technique's meta-learner features
     sa.Column("resources", sa.Text, nullable=True),  # JSON: variant -> model_bytes, roofline_fraction ...
+    # schema 4: contention measured before and during the run (workbench.noise)
+    sa.Column("noisy", sa.Boolean, nullable=True),  # other work crossed the threshold: figures are suspect
+    sa.Column("noise", sa.Text, nullable=True),  # JSON: others' CPU share, steal, load, top processes ...
     sa.Index("ix_runs_model_created_at", "model", "created_at"),
     sa.Index("ix_runs_spec_key_status", "spec_key", "status"),  # schema 2: resume lookups
 )
@@ -96,12 +99,13 @@ RUN_COLUMNS: tuple[str, ...] = tuple(runs_table.c.keys())
 #: Columns holding JSON text, parsed back into Python objects when read.
 JSON_COLUMNS: frozenset[str] = frozenset(
     {"params", "environment", "spec", "summary", "samples", "quality", "internals", "outputs", "quality_metrics",
-     "technique_features", "resources"}
+     "technique_features", "resources", "noise"}
 )
 #: Columns added by each schema version (a store of an older version lacks them until it is migrated).
 COLUMNS_ADDED: dict[int, tuple[str, ...]] = {
     3: ("model_digest", "lossless", "model_bytes", "bytes_read_per_token", "headline", "quality_metrics",
         "technique_features", "resources"),
+    4: ("noisy", "noise"),
 }
 #: Keys every appended row must have.
 REQUIRED_KEYS: tuple[str, ...] = (
@@ -112,7 +116,7 @@ REQUIRED_KEYS: tuple[str, ...] = (
 STATUSES: tuple[str, ...] = ("ok", "failed", "skipped")  # skipped: not applicable here (reason kept)
 _INT_COLUMNS = ("seed", "repeats", "warmup", "schema_version", "model_bytes")
 _FLOAT_COLUMNS = ("speedup", "speedup_ci_low", "speedup_ci_high", "bytes_read_per_token")
-_BOOL_COLUMNS = ("significant", "lossless")
+_BOOL_COLUMNS = ("significant", "lossless", "noisy")
 _STR_COLUMNS = {  # plain string columns and their length limits (JSON columns are Text)
     c.name: c.type.length
     for c in runs_table.c
@@ -198,8 +202,17 @@ def _add_spec_key_status_index(conn: sa.Connection) -> None:
 def _add_report_columns(conn: sa.Connection) -> None:
     """Schema 2 -> 3: the typed technique report's columns; older rows keep NULL there (their figures
     stay where they were: model bytes and roofline in the summary, quality in the quality column)."""
+    _add_columns(conn, 3)
+
+
+def _add_noise_columns(conn: sa.Connection) -> None:
+    """Schema 3 -> 4: what else used the machine; older rows keep NULL (contention was not measured)."""
+    _add_columns(conn, 4)
+
+
+def _add_columns(conn: sa.Connection, version: int) -> None:
     present = {c["name"] for c in sa.inspect(conn).get_columns(runs_table.name)}
-    for name in COLUMNS_ADDED[3]:
+    for name in COLUMNS_ADDED[version]:
         if name not in present:
             column = runs_table.c[name]
             type_sql = column.type.compile(dialect=conn.dialect)
@@ -208,7 +221,7 @@ def _add_report_columns(conn: sa.Connection) -> None:
 
 #: Forward migrations: ``_MIGRATIONS[v]`` upgrades a store from schema ``v`` to ``v + 1``. Each one is
 #: idempotent (two processes may run it at once) and runs in the same transaction as the version bump.
-_MIGRATIONS: dict[int, Any] = {1: _add_spec_key_status_index, 2: _add_report_columns}
+_MIGRATIONS: dict[int, Any] = {1: _add_spec_key_status_index, 2: _add_report_columns, 3: _add_noise_columns}
 
 
 def _migrate(engine: Engine, url: URL, version: int, last_attempt: bool) -> None:

@@ -189,15 +189,26 @@ def _halves(batches: list[Any]) -> tuple[list[Any], list[Any]]:
     return batches[0::2], batches[1::2]
 
 
-def continuation_nll(model: nn.Module, prompt_ids: torch.Tensor, continuation: list[int]) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of ``continuation`` after ``prompt_ids`` (1, T) under ``model``."""
-    if not continuation:
-        return 0.0, 0
-    ids = torch.cat([prompt_ids, torch.tensor([continuation], device=prompt_ids.device)], dim=1)
+def exit_logits(stack: DecoderStack, input_ids: torch.Tensor, threshold: float,
+                exit_layers: frozenset[int]) -> torch.Tensor:
+    """Teacher-forced next-token logits (T, V) of CALM-style early exit on ``input_ids`` (1, T).
+
+    Each position takes the logits of the first layer in ``exit_layers`` whose top probability exceeds
+    ``threshold`` (through the model's own final norm and head), else the last layer's. Every cached
+    key/value in :func:`calm_generate` is the full model's, so this is the distribution that decoding
+    samples its greedy token from at each position (except the first new token, which decoding always
+    takes from the last layer).
+    """
     with torch.inference_mode():
-        logits = model(input_ids=ids).logits[0, prompt_ids.shape[1] - 1: -1].float()  # (n, V)
-    target = torch.tensor(continuation, device=logits.device)
-    return float(nn.functional.cross_entropy(logits, target, reduction="sum")), len(continuation)
+        out = stack.model(input_ids=input_ids, output_hidden_states=True)
+        chosen = out.logits[0].float().clone()  # (T, V): the last layer's
+        decided = torch.zeros(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
+        for layer in sorted(exit_layers):  # hidden_states[layer]: output of block `layer`, before the final norm
+            logits = stack.logits(out.hidden_states[layer][0]).float()  # (T, V)
+            confident = (logits.softmax(-1).max(-1).values > threshold) & ~decided
+            chosen[confident] = logits[confident]
+            decided |= confident
+    return chosen
 
 
 @register
@@ -235,6 +246,8 @@ class EarlyExit(Technique):
                               choices=tuple(SCHEMES)),
         "check_every": Param(int, None, "causal LMs: test for an exit after every this many layers (each test "
                              "costs an LM-head pass); unset: every max(1, layers // 6)", minimum=1),
+        "quality_tokens": Param(int, 2048, "causal LMs: tokens of the workload's text scored for perplexity and KL "
+                                "(untimed); more is steadier and slower", minimum=16),
     }
 
     def __init__(self, **params: Any) -> None:
@@ -309,19 +322,15 @@ class EarlyExit(Technique):
         self.curve_ = self._measure_curve(self.calibration_, [])
         self.operating_point_ = self._choose_operating_point(self.curve_)
         self.rule_ = self._rule_used()
-        # 3. Perplexity of both continuations of the timed prompts under the full model, at the threshold used.
-        nll = {"full": [0.0, 0], "early_exit": [0.0, 0]}
-        for batch in self.batches_:
-            prompt = batch.inputs["input_ids"]
-            outputs = {"full": self._full(batch).output[0], "early_exit": self._call(batch, self.rule_).output[0]}
-            for name, continuation in outputs.items():
-                total, count = continuation_nll(model.model, prompt, continuation)
-                nll[name][0] += total
-                nll[name][1] += count
-        ppl = {name: math.exp(total / count) if count else None for name, (total, count) in nll.items()}
-        self.perplexity_ = {"full_greedy": ppl["full"], "early_exit": ppl["early_exit"],
-                            "change": None if None in ppl.values() else ppl["early_exit"] - ppl["full"],
-                            "measured_by": "the full model scoring each variant's own continuation"}
+        # 3. Quality on the workload's own text (the timed prompts), teacher-forced at the threshold used:
+        # perplexity change and next-token KL against the full model (not the generated continuations).
+        policy, threshold = self.rule_
+        window = min(getattr(model.model.config, "n_positions", None) or 512, 512)
+        self.text_quality_ = quality.lm_text_quality(
+            model.tokenizer, [t for b in self.batches_ for t in b.texts],
+            lambda ids: model.model(input_ids=ids).logits,
+            lambda ids: exit_logits(self.stack_, ids, float(threshold), self.exit_layers_)[None],
+            self.config["quality_tokens"], window, spec.device)
 
     def _full(self, batch: Any) -> CallOutput:
         """The full model as the baseline runs it."""
@@ -495,9 +504,7 @@ class EarlyExit(Technique):
                    Metric("layers_saved_percent", None if internals["layers_saved_fraction"] is None
                           else 100.0 * internals["layers_saved_fraction"], "%", True, "layers saved", headline=False)]
         if self.kind_ == "causal_lm":
-            ppl = self.perplexity_
-            metrics.append(Metric("continuation_perplexity_change", ppl["change"], "", False,
-                                  "perplexity of the continuation (under the full model) change"))
+            metrics.extend(quality.lm_quality_metrics(self.text_quality_))
         policy, value = self.rule_
         return TechniqueReport(
             lossless=False, model_bytes=self.quantization_["bytes_after"] if self.quantization_ else None,
@@ -550,7 +557,9 @@ class EarlyExit(Technique):
                 "exit_check_layers": sorted(self.exit_layers_),
                 "curve_quality": "accuracy = token agreement with the full model's greedy output",
                 "block_calls_per_token": (sum(c.get("block_calls", 0) for c in per_call) / tokens) if tokens else None,
-                "perplexity_under_full_model": self.perplexity_,
+                "text_quality": {**self.text_quality_, "measured_by": "teacher-forced on the timed prompts' text: "
+                                 "each position's distribution from the first exit layer confident above the "
+                                 "threshold (else the last layer), against the full model's"},
                 "selection_note": "the operating point is chosen on the calibration prompts, never on the timed ones",
             })
             return report

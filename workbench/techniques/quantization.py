@@ -15,11 +15,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from workbench import quality
 from workbench.measure import CallOutput
 from workbench.techniques._execute import classify, generate
 from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
@@ -83,13 +83,7 @@ class Quantization(Technique):
         internals = {**done, "compression": compression}
         q = self._quality
         if "perplexity_change_percent" in q:
-            metrics = [
-                Metric("perplexity_baseline", q["perplexity_baseline"], "", False, "perplexity (baseline)"),
-                Metric("perplexity_technique", q["perplexity_technique"], "", False, "perplexity"),
-                Metric("perplexity_change_percent", q["perplexity_change_percent"], "%", False, "perplexity change"),
-                Metric("next_token_kl_mean", q["next_token_kl_mean"], "nats", False, "next-token KL"),
-                Metric("quality_text_tokens", q["quality_text_tokens"], "tokens", None, "tokens scored", headline=False),
-            ]
+            metrics = quality.lm_quality_metrics(q)
         else:
             metrics = [Metric("label_kl_mean", q["label_kl_mean"], "nats", False, "label KL"),
                        Metric("kl_inputs", q["kl_inputs"], "inputs", None, "inputs scored", headline=False)]
@@ -123,28 +117,8 @@ def _distribution_quality(model: Any, quantized: Any, texts: list[str], device: 
             p = torch.log_softmax(model.model(**enc).logits.float(), dim=-1)
             q = torch.log_softmax(quantized(**enc).logits.float(), dim=-1)
             return {"label_kl_mean": float(torch.sum(p.exp() * (p - q), dim=-1).clamp_min(0).mean()), "kl_inputs": len(texts)}
-        # Language models: score the workload's texts as one stream, in windows the model can take.
-        ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0][:max_tokens].to(device)
+        # Language models: the workload's texts as one stream, in windows the model can take.
         window = min(getattr(model.model.config, "n_positions", None) or getattr(
             model.model.config, "max_position_embeddings", 512), 512)
-        nll = {"baseline": 0.0, "technique": 0.0}
-        kl_sum, scored = 0.0, 0
-        for start in range(0, max(len(ids) - 1, 1), window):
-            chunk = ids[start:start + window].unsqueeze(0)
-            if chunk.shape[1] < 2:
-                break
-            target = chunk[0, 1:]
-            p = torch.log_softmax(model.model(input_ids=chunk).logits[0, :-1].float(), dim=-1)
-            q = torch.log_softmax(quantized(input_ids=chunk).logits[0, :-1].float(), dim=-1)
-            nll["baseline"] -= float(p.gather(1, target[:, None]).sum())
-            nll["technique"] -= float(q.gather(1, target[:, None]).sum())
-            kl_sum += float(torch.sum(p.exp() * (p - q), dim=-1).clamp_min(0).sum())
-            scored += target.numel()
-    ppl_base, ppl_tech = math.exp(nll["baseline"] / scored), math.exp(nll["technique"] / scored)
-    return {
-        "perplexity_baseline": ppl_base,
-        "perplexity_technique": ppl_tech,
-        "perplexity_change_percent": 100.0 * (ppl_tech / ppl_base - 1.0),
-        "next_token_kl_mean": kl_sum / scored,
-        "quality_text_tokens": scored,
-    }
+        return quality.lm_text_quality(tokenizer, texts, lambda ids: model.model(input_ids=ids).logits,
+                                       lambda ids: quantized(input_ids=ids).logits, max_tokens, window, device)

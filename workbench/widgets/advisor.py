@@ -17,6 +17,8 @@ from typing import Any
 import ipywidgets as W
 import pandas as pd
 
+from workbench.quality import loss_text
+
 from workbench.widgets._common import figure_bundle, html_bundle, open_store, show, shows_errors, table_html
 
 #: The what-if sliders: feature -> (label, minimum, maximum, step). Shown when the feature is known.
@@ -31,7 +33,7 @@ WHAT_IF_FEATURES: dict[str, tuple[str, float, float, float]] = {
 _STYLE = {"description_width": "170px"}
 
 
-def train_advisor(runs: pd.DataFrame, budget: str = "accuracy<=1", learner: str = "boosting",
+def train_advisor(runs: pd.DataFrame, budget: str = "perplexity<=2%,accuracy<=1,ssim>=0.9", learner: str = "boosting",
                   random_state: int = 0) -> dict[str, Any]:
     """Evaluate (leave one group out), fit on all runs and explain; returns data only.
 
@@ -56,7 +58,7 @@ class AdvisorPanel:
     ``recommendation`` (the latest :class:`~workbench.meta.recommend.Recommendation`), ``recommendation_html``,
     ``output`` (figures, error lines), ``errors``."""
 
-    def __init__(self, store: Any = None, budget: str = "accuracy<=1", learner: str = "boosting",
+    def __init__(self, store: Any = None, budget: str = "perplexity<=2%,accuracy<=1,ssim>=0.9", learner: str = "boosting",
                  train_now: bool = True) -> None:
         self.store = open_store(store)
         self.errors: list[str] = []
@@ -66,7 +68,7 @@ class AdvisorPanel:
         self.recommendation: Any = None
         self.figures: dict[str, Any] = {}
         self.budget = W.Text(value=budget, description="quality budget", style=_STYLE,
-                             tooltip="lossless, any, or accuracy<=X (points)")
+                             tooltip="lossless, any, or perplexity<=X% (LMs), accuracy<=X (points), ssim>=X (images)")
         self.learner_kind = W.Dropdown(options=["boosting", "tree"], value=learner, description="learner",
                                        style=_STYLE)
         self.train_button = W.Button(description="Train on the store", button_style="primary", icon="cogs")
@@ -177,15 +179,15 @@ class AdvisorPanel:
             head = f"<b>keep the baseline</b> (fallback): {html.escape(rec.decision)}"
         else:
             head = (f"<b>{html.escape(rec.configuration)}</b>: predicted speedup {rec.predicted_speedup:.2f}x "
-                    f"(80% interval {rec.speedup_low:.2f}x - {rec.speedup_high:.2f}x), predicted quality loss "
-                    f"{rec.predicted_quality_loss_points:.2f} points")
+                    f"(80% interval {rec.speedup_low:.2f}x - {rec.speedup_high:.2f}x), predicted quality "
+                    f"{html.escape(loss_text(rec.predicted_quality_loss, str(rec.context.get('modality'))))}")
         reasons = "".join(f"<li>{html.escape(r)}</li>" for r in rec.reasons) or "<li>(no feature moved it)</li>"
         flip = html.escape((rec.counterfactual or {}).get("text", "none computed"))
         return (f"<div class='workbench-recommendation'><p>recommendation: {head}</p><p>reasons:</p><ul>{reasons}"
                 f"</ul><p>what would change it: {flip}</p></div>")
 
 
-def advisor(store: Any = None, budget: str = "accuracy<=1", learner: str = "boosting",
+def advisor(store: Any = None, budget: str = "perplexity<=2%,accuracy<=1,ssim>=0.9", learner: str = "boosting",
             train_now: bool = True) -> AdvisorPanel:
     """The advisor panel (see :class:`AdvisorPanel`); trains at once unless ``train_now=False``.
 

@@ -285,7 +285,8 @@ class ComparePanel:
         return 0.3 + 0.67 * (1.0 - math.exp(-running_s / self._expected_run_s))
 
     def _show_row(self, row: dict[str, Any]) -> None:
-        from workbench.display import quality_text, run_table, technique_lines, format_speedup
+        from workbench.display import quality_text, run_table, speedup_lines, technique_lines
+        from workbench.noise import summary_text as noise_text
         from workbench.widgets.figures import result_from_row, run_figures
 
         result = result_from_row(row)
@@ -304,11 +305,14 @@ class ComparePanel:
         self.progress.bar_style = "success"
         self.figures = run_figures(result)
         lines = technique_lines(result)
-        self.status.value = f"done: stored as run {html.escape(result.run_id)}"
+        noisy = noise_text(result.noise)
+        self.status.value = f"done: stored as run {html.escape(result.run_id)}" + (" (noisy machine)" if noisy else "")
         self.table.value = (
             table_html(run_table(result), "workbench-run-table")
-            + f"<p>speedup {html.escape(format_speedup(result.comparison))}; "
-              f"quality: {html.escape(quality_text(result.quality, result.quality_metrics))}</p>"
+            + (f"<p class='workbench-noisy' style='color:#b00020'><b>{html.escape(noisy)}</b>: speed figures "
+               "suspect, rerun when the machine is quiet</p>" if noisy else "")
+            + f"<p>{html.escape('; '.join(speedup_lines(result.comparison)))}; "
+              f"quality: {html.escape(quality_text(result.quality, result.quality_metrics, result.report.get('lossless')))}</p>"
             + (f"<pre>{html.escape(chr(10).join(lines))}</pre>" if lines else ""))
         show(self.output, *[figure_bundle(f) for f in self.figures.values()], clear=True)
 

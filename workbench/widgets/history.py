@@ -23,60 +23,87 @@ _STYLE = {"description_width": "110px"}
 
 
 def history_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One display row per stored run: identity, speedup with its interval and quality loss (points)."""
-    from workbench.meta.features import quality_loss_points
+    """One display row per stored run: identity, speedup with its interval and verdict, the quality loss in
+    its modality's unit (``loss_unit``), and whether the machine was noisy while it ran."""
+    from workbench.measure import verdict_of
+    from workbench.quality import LOSS_SCALES, quality_loss
 
     rows = []
     for run in runs.to_dict(orient="records"):
         modality = ((run.get("internals") or {}).get("workload_info") or {}).get("modality") or "unknown"
-        loss = quality_loss_points(run.get("quality"), modality) if run.get("status") == "ok" else None
+        lossless = run.get("lossless") is True
+        loss = quality_loss(run.get("quality"), modality, lossless) if run.get("status") == "ok" else None
+        scale = LOSS_SCALES.get(modality)
+        comparison = (run.get("summary") or {}).get("comparison") or {}
         rows.append({
             "run_id": run["run_id"], "created_at": run["created_at"], "status": run["status"],
             "model": run["model"], "workload": run["workload"], "technique": run["technique"],
             "draft": run.get("draft"), "params": ", ".join(f"{k}={v}" for k, v in (run.get("params") or {}).items()),
             "machine_id": run.get("machine_id"), "speedup": run.get("speedup"),
             "speedup_ci_low": run.get("speedup_ci_low"), "speedup_ci_high": run.get("speedup_ci_high"),
-            "quality_loss_points": loss, "failure_reason": run.get("failure_reason"),
+            "verdict": verdict_of(comparison) if comparison else None,
+            "modality": modality, "quality_loss": loss, "loss_unit": scale.label if scale else None,
+            "noisy_machine": run.get("noisy") is True, "failure_reason": run.get("failure_reason"),
         })
     return pd.DataFrame(rows, columns=["run_id", "created_at", "status", "model", "workload", "technique", "draft",
                                        "params", "machine_id", "speedup", "speedup_ci_low", "speedup_ci_high",
-                                       "quality_loss_points", "failure_reason"])
+                                       "verdict", "modality", "quality_loss", "loss_unit", "noisy_machine",
+                                       "failure_reason"])
 
 
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
-    """The runs no other run beats on both speedup (higher) and quality loss (lower), by quality loss."""
-    points = table.dropna(subset=["speedup", "quality_loss_points"]).sort_values(
-        ["quality_loss_points", "speedup"], ascending=[True, False])
-    best, keep = -float("inf"), []
-    for index, row in points.iterrows():
-        if row["speedup"] > best:
-            best = row["speedup"]
-            keep.append(index)
-    return points.loc[keep]
+    """The runs no other run of the same modality beats on both speedup (higher) and quality loss (lower)."""
+    kept = []
+    for _, part in table.dropna(subset=["speedup", "quality_loss"]).groupby("modality", sort=True):
+        points = part.sort_values(["quality_loss", "speedup"], ascending=[True, False])
+        best = -float("inf")
+        for index, row in points.iterrows():
+            if row["speedup"] > best:
+                best = row["speedup"]
+                kept.append(index)
+    return table.loc[kept]
 
 
 def frontier_figure(table: pd.DataFrame) -> go.Figure:
-    """Speedup against quality loss, one marker per run (colour: technique, symbol: machine), frontier line."""
-    fig = go.Figure()
-    ok = table.dropna(subset=["speedup", "quality_loss_points"])
+    """Speedup against quality loss, one panel per modality (each loss in its own unit), one marker per run
+    (colour: technique, symbol: machine, open marker: noisy machine), the frontier as a line."""
+    from plotly.subplots import make_subplots
+
+    from workbench.quality import LOSS_SCALES
+
+    ok = table.dropna(subset=["speedup", "quality_loss"])
+    modalities = sorted(ok["modality"].astype(str).unique()) or ["unknown"]
+    fig = make_subplots(rows=1, cols=len(modalities), subplot_titles=modalities, shared_yaxes=True)
     symbols = ["circle", "square", "diamond", "triangle-up", "x", "cross", "star"]
     machines = {m: symbols[i % len(symbols)] for i, m in enumerate(ok["machine_id"].astype(str).unique())}
-    for technique, part in ok.groupby("technique"):
-        low = part["speedup"] - part["speedup_ci_low"].fillna(part["speedup"])
-        high = part["speedup_ci_high"].fillna(part["speedup"]) - part["speedup"]
-        fig.add_trace(go.Scatter(
-            x=part["quality_loss_points"], y=part["speedup"], mode="markers", name=str(technique),
-            marker={"size": 10, "symbol": [machines[str(m)] for m in part["machine_id"]]},
-            error_y={"type": "data", "array": high, "arrayminus": low},
-            text=[f"{m} | {w} | {p} | machine {mid}" for m, w, p, mid in
-                  zip(part["model"], part["workload"], part["params"], part["machine_id"])]))
-    front = pareto_front(table)
-    if len(front):
-        fig.add_trace(go.Scatter(x=front["quality_loss_points"], y=front["speedup"], mode="lines",
-                                 name="frontier", line={"dash": "dot"}))
+    front = pareto_front(ok)
+    shown: set[str] = set()
+    for column, modality in enumerate(modalities, start=1):
+        for technique, part in ok[ok["modality"] == modality].groupby("technique"):
+            low = part["speedup"] - part["speedup_ci_low"].fillna(part["speedup"])
+            high = part["speedup_ci_high"].fillna(part["speedup"]) - part["speedup"]
+            symbol = [machines[str(m)] + ("-open" if noisy else "") for m, noisy in
+                      zip(part["machine_id"], part["noisy_machine"])]
+            fig.add_trace(go.Scatter(
+                x=part["quality_loss"], y=part["speedup"], mode="markers", name=str(technique),
+                legendgroup=str(technique), showlegend=str(technique) not in shown,
+                marker={"size": 10, "symbol": symbol}, error_y={"type": "data", "array": high, "arrayminus": low},
+                text=[f"{m} | {w} | {p} | machine {mid}" + (" | noisy machine" if noisy else "") for m, w, p, mid, noisy
+                      in zip(part["model"], part["workload"], part["params"], part["machine_id"], part["noisy_machine"])]),
+                row=1, col=column)
+            shown.add(str(technique))
+        line = front[front["modality"] == modality]
+        if len(line):
+            fig.add_trace(go.Scatter(x=line["quality_loss"], y=line["speedup"], mode="lines", name="frontier",
+                                     legendgroup="frontier", showlegend="frontier" not in shown,
+                                     line={"dash": "dot"}), row=1, col=column)
+            shown.add("frontier")
+        scale = LOSS_SCALES.get(modality)
+        fig.update_xaxes(title_text=scale.label if scale else "quality loss", row=1, col=column)
     fig.add_hline(y=1.0, line_dash="dash")
-    fig.update_layout(title="Trade-off: speedup against quality loss, across runs and machines",
-                      xaxis_title="quality loss (points)", yaxis_title="speedup (x, 95% CI)")
+    fig.update_yaxes(title_text="speedup (x, 95% CI)", row=1, col=1)
+    fig.update_layout(title="Trade-off: speedup against quality loss, across runs and machines "
+                            "(open markers: noisy machine)")
     return fig
 
 
@@ -151,7 +178,7 @@ class HistoryPanel:
                                since=since, until=until, status="ok" if self.ok_only.value else None)
         self.table = history_table(runs)
         shown = self.table.drop(columns=["failure_reason"] if self.ok_only.value else []).round(
-            {c: 3 for c in ("speedup", "speedup_ci_low", "speedup_ci_high", "quality_loss_points")})
+            {c: 3 for c in ("speedup", "speedup_ci_low", "speedup_ci_high", "quality_loss")})
         self.table_html.value = f"<p>{len(self.table)} run(s)</p>" + table_html(shown.tail(50), "workbench-history")
         self.runs.options = [(self._label(r), r["run_id"]) for r in self.table.to_dict(orient="records")]
         self.figure = frontier_figure(self.table)
