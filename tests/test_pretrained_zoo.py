@@ -38,3 +38,17 @@ def test_smollm2_converts_from_the_wheel_and_continues_a_known_prompt(smollm2):
     from workbench.models import zoo
 
     assert zoo.build(names=["smollm2-135m"], progress=False)[-1].built_at == smollm2.built_at
+
+
+def test_minilm_fine_tuned_from_the_wheel_classifies_above_chance(data_dir):
+    from workbench.models import zoo
+    from workbench.models.loading import load_model
+    from workbench.specs import ModelSpec
+
+    record = zoo.build(names=["minilm-l6"], quick=True, progress=False)[-1]
+    assert record.config["architecture"] == "BertForSequenceClassification" and record.config["layers"] == 6
+    assert record.parameter_count > 20_000_000 and "all-MiniLM-L6-v2" in record.data
+    # held-out snippets (other files than the training ones): well above chance even after a quick fine-tune
+    assert record.metrics["test_accuracy"] >= record.metrics["chance_accuracy"] + 0.15, record.metrics
+    loaded = load_model(ModelSpec("zoo:minilm-l6"))
+    assert loaded.kind == "classifier" and loaded.model.config.num_labels == len(record.config["labels"])

