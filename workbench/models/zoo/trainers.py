@@ -363,6 +363,40 @@ def _time_generate(model, prompt: torch.Tensor, new_tokens: int) -> float:
 # --------------------------------------------------------------------------- classifier
 
 
+def _fit_classifier(model, opt, data, batch_size: int, epochs: int, gen, desc: str, progress: bool,
+                    before_step: Callable[[int], None] | None = None) -> list[float]:
+    """Mini-batch training of a sequence classifier on ``data`` = (input ids, attention mask, labels), each
+    epoch in a fresh random order from ``gen``; ``before_step(step)`` sets the learning rate. Leaves the
+    model in eval mode; returns the loss of every step."""
+    ids, mask, labels = data
+    steps_per_epoch = len(labels) // batch_size
+    losses: list[float] = []
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(labels), generator=gen)
+        for i in range(steps_per_epoch):
+            if before_step is not None:
+                before_step(epoch * steps_per_epoch + i)
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            bar.update()
+    bar.close()
+    model.eval()
+    return losses
+
+
+def _classifier_logits(model, ids, mask, chunk: int):
+    """Logits (N, labels) of a sequence classifier, ``chunk`` inputs at a time, without gradients."""
+    with torch.no_grad():
+        return torch.cat([model(input_ids=ids[i:i + chunk], attention_mask=mask[i:i + chunk]).logits
+                          for i in range(0, len(ids), chunk)])
+
+
 def _train_classifier(ctx: _BuildContext, out: Path, name: str = "code-classifier") -> _Trained:
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -396,28 +430,12 @@ def _train_classifier(ctx: _BuildContext, out: Path, name: str = "code-classifie
     steps = recipe.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     model.train()
-    losses = []
-    bar = tqdm(total=steps, desc=name, disable=not ctx.progress)
-    for epoch in range(recipe.epochs):
-        perm = torch.randperm(len(train), generator=gen)
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            _set_lr(opt, _cosine_lr(step, steps, recipe.lr, warmup=steps // 10))
-            idx = perm[i * recipe.batch_size:(i + 1) * recipe.batch_size]
-            loss = model(input_ids=x_train[idx], attention_mask=m_train[idx], labels=y_train[idx]).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            bar.update()
-    bar.close()
-    model.eval()
+    losses = _fit_classifier(model, opt, (x_train, m_train, y_train), recipe.batch_size, recipe.epochs, gen,
+                              name, ctx.progress,
+                              before_step=lambda step: _set_lr(opt, _cosine_lr(step, steps, recipe.lr, steps // 10)))
 
     # 4. Evaluate and save
-    with torch.no_grad():
-        logits = torch.cat([model(input_ids=x_test[i:i + 128], attention_mask=m_test[i:i + 128]).logits
-                            for i in range(0, len(test), 128)])
+    logits = _classifier_logits(model, x_test, m_test, 128)
     correct = (logits.argmax(-1) == y_test).float()
     confident_first = logits.softmax(-1).max(-1).values.argsort(descending=True)
     half = len(test) // 2
@@ -515,25 +533,9 @@ def _fine_tune_minilm(ctx: _BuildContext, out: Path) -> _Trained:
     opt = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}], weight_decay=0.01)
     gen = torch.Generator().manual_seed(ctx.seed)
     model.train()
-    losses = []
-    bar = tqdm(total=steps, desc="minilm-l6", disable=not ctx.progress)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(train), generator=gen)
-        for i in range(len(train) // batch):
-            idx = perm[i * batch:(i + 1) * batch]
-            loss = model(input_ids=x_train[idx], attention_mask=m_train[idx], labels=y_train[idx]).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            bar.update()
-    bar.close()
-    model.eval()
+    losses = _fit_classifier(model, opt, (x_train, m_train, y_train), batch, epochs, gen, "minilm-l6", ctx.progress)
     # 3. Held-out accuracy, then save.
-    with torch.no_grad():
-        logits = torch.cat([model(input_ids=x_test[i:i + 64], attention_mask=m_test[i:i + 64]).logits
-                            for i in range(0, len(test), 64)])
+    logits = _classifier_logits(model, x_test, m_test, 64)
     metrics = {"test_accuracy": float((logits.argmax(-1) == y_test).float().mean()),
                "test_loss": float(torch.nn.functional.cross_entropy(logits, y_test)),
                "chance_accuracy": 1.0 / len(labels), "test_snippets": float(len(test))}
