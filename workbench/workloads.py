@@ -254,8 +254,7 @@ def _make_batch(chunk: list[dict[str, Any]], loaded: Any, seeds: list[int]) -> B
     if loaded.kind == "classifier":
         texts = [item["text"] for item in chunk]
         labels = [_label_index(item["label"], loaded) for item in chunk]
-        limit = min(512, getattr(loaded.model.config, "max_position_embeddings", 512) or 512)
-        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=limit)
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=_max_tokens(loaded.model))
         return Batch(len(chunk), {k: v.to(loaded.device) for k, v in enc.items()}, texts, labels=labels,
                      seeds=seeds)
     if "class_label" in chunk[0]:
@@ -263,6 +262,15 @@ def _make_batch(chunk: list[dict[str, Any]], loaded: Any, seeds: list[int]) -> B
         return Batch(len(chunk), texts=[f"class {c}" for c in labels], class_labels=labels, seeds=seeds)
     prompts = [item["prompt"] for item in chunk]
     return Batch(len(chunk), texts=prompts, prompts=prompts, seeds=seeds)
+
+
+def _max_tokens(model: Any) -> int:
+    """Tokens a classifier can take, at most 512: its position table, less the offset where RoBERTa-style
+    embeddings start counting (``padding_idx + 1``; a 514-row RoBERTa table holds 512 positions)."""
+    positions = getattr(model.config, "max_position_embeddings", 512) or 512
+    table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
+    offset = table.padding_idx + 1 if getattr(table, "padding_idx", None) is not None else 0
+    return min(512, positions - offset)
 
 
 def _label_index(label: int | str, loaded: Any) -> int:

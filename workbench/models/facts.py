@@ -131,8 +131,9 @@ def _read(location_text: str, kind: str, name: str, stamp: tuple) -> ModelFacts:
         name=name, location=location_text, kind=kind,
         family=str(config.get("model_type") or "unknown"),
         architecture=(config.get("architectures") or [None])[0],
-        layers=_int(config.get("num_hidden_layers") or config.get("n_layer")),
-        hidden_size=_int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model")),
+        layers=_int(config.get("num_hidden_layers") or config.get("n_layer") or config.get("n_layers")),
+        hidden_size=_int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
+                         or config.get("dim")),  # n_layers / dim: DistilBERT's names
         vocab_size=_int(config.get("vocab_size")),
         max_positions=_int(config.get("n_positions") or config.get("max_position_embeddings")),
         parameters=params, model_bytes=nbytes, weights=_weights_format(location),

@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 
 REPETITIVE_PROMPTS = 0.2  # expert rule: prompt lookup when this share of a prompt's 3-grams repeats
 CHEAP_DRAFT_RATIO = 0.1  # expert rule: speculate when the draft has <= 1/10 of the target's parameters
+#: Families whose forward runs only ``layers[: config.num_hidden_layers]``, which transformers'
+#: ``assistant_early_exit`` (implementation=hf with draft_layers) relies on; the others (GPT-2, GPT-NeoX,
+#: OPT) keep running every layer and fail on the shorter cache. Checked in tests/test_architectures.py.
+HF_EARLY_EXIT_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma")
 
 
 @register
@@ -131,6 +135,10 @@ class Speculative(Technique):
         layers = self.config["draft_layers"]
         if layers is not None and target.layers is not None and layers >= target.layers:
             return f"draft_layers={layers} but the target has {target.layers} layers: use 1 to {target.layers - 1}"
+        if layers is not None and impl == "hf" and target.family not in HF_EARLY_EXIT_FAMILIES:
+            return (f"implementation=hf with draft_layers runs transformers' assistant_early_exit, which cannot run "
+                    f"{target.architecture or target.family} (model_type {target.family}; it works for "
+                    f"{', '.join(HF_EARLY_EXIT_FAMILIES)}): use implementation=workbench for self-speculation")
         if self.config["draft_quantization"]:
             if draft is None:
                 return "draft_quantization needs a draft model: pass --draft MODEL"
@@ -180,7 +188,7 @@ class Speculative(Technique):
         gen.assistant_confidence_threshold = cfg["confidence_threshold"]
         if draft is not None:
             self._extra["assistant_model"] = draft.model
-        else:  # HF's own self-speculation; it fails on some architectures (GPT-2): a failed run, model restored
+        else:  # HF's own self-speculation (check() admits only HF_EARLY_EXIT_FAMILIES)
             self._extra["assistant_early_exit"] = cfg["draft_layers"]
 
     def _measure_step_costs(self, trial: Trial) -> tuple[StepCosts, str]:
