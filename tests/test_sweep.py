@@ -205,11 +205,23 @@ def test_worker_crashes_become_failed_runs_and_the_sweep_goes_on(quick_zoo, tmp_
 def _wait_for_worker(parent: psutil.Process, timeout_s: float) -> psutil.Process:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        workers = [p for p in parent.children() if "spawn_main" in " ".join(_cmdline(p))]
+        workers = _workers(parent)
         if workers:
             return workers[0]
         time.sleep(0.1)
     raise AssertionError("no worker process appeared")
+
+
+def _workers(parent: psutil.Process) -> list[psutil.Process]:
+    """Run workers of ``parent``: forked by its forkserver (Linux), or spawned by it."""
+    found = []
+    for child in parent.children():
+        command = " ".join(_cmdline(child))
+        if "spawn_main" in command:
+            found.append(child)
+        elif "forkserver" in command:
+            found.extend(child.children())
+    return found
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
@@ -242,7 +254,8 @@ def test_sweep_of_20_survives_a_segfault_a_timeout_and_ctrl_c(quick_zoo, workben
     try:
         _wait_for_rows(url, 6, first, timeout_s=240)
         time.sleep(1.0)  # run 6's worker is starting or hanging
-        workers = psutil.Process(first.pid).children()
+        workers = psutil.Process(first.pid).children(recursive=True)  # the forkserver and its workers
+        assert _workers(psutil.Process(first.pid)), "no run worker was busy when Ctrl-C came"
         first.send_signal(signal.SIGINT)
         _, stderr = first.communicate(timeout=60)
     finally:
