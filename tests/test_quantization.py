@@ -158,3 +158,133 @@ def test_cli_acceptance_command_reports_speed_and_quality(quick_zoo, workbench_c
                            "--model", "zoo:code-target", "--workload", "code-prompts"],
                           env=cli_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "needs a CUDA GPU" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# mixed precision: layers kept float, by name or by the sensitivity search
+# ----------------------------------------------------------------------------------------------------
+
+
+def _tiny_llama(seed: int = 0, outlier_layer: int | None = None) -> nn.Module:
+    """A seeded 3-layer Llama; with ``outlier_layer``, one intermediate channel of that layer's MLP gets a
+    +1000 up_proj bias (biases stay float under dynamic int8) and a 1000x smaller down_proj column: that
+    down_proj's per-tensor int8 input scale is then set by the outlier and crushes every other channel,
+    while no quantized *weight* gets an outlier. Only that one layer is sensitive."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.1, mlp_bias=True, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    if outlier_layer is not None:
+        mlp = model.model.layers[outlier_layer].mlp
+        with torch.no_grad():
+            mlp.up_proj.bias[5] = 1000.0
+            mlp.down_proj.weight[:, 5] /= 1000.0
+    return model
+
+
+def _tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("make, keep", [
+    (_tiny_gpt2, {"lm_head", "transformer.h.1.mlp.c_proj"}),  # Conv1D converted, then kept float
+    (_tiny_llama, {"lm_head", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"}),
+])
+def test_layers_kept_float_really_stay_float_nn_linear(make, keep):
+    model = make()
+    quantized, report = quantize_copy(model, "int8-dynamic", keep_float=keep)
+    modules = dict(quantized.named_modules())
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    for name in names:
+        if name in keep:
+            assert type(modules[name]) is nn.Linear and modules[name].weight.dtype == torch.float32, name
+        else:
+            assert isinstance(modules[name], torch.ao.nn.quantized.dynamic.Linear), name
+    assert sorted(report["kept_float"]) == sorted(keep) and report["not_quantized"] == []
+    assert report["quantized_layers"] == report["linear_layers"] - len(keep) == len(names) - len(keep)
+    # The float layers compute what the original's do: keeping everything float changes nothing.
+    everything, report = quantize_copy(model, "int8-dynamic", keep_float=set(names))
+    assert report["quantized_layers"] == 0
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(everything(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_keep_float_patterns_and_bad_values_give_one_clear_line(quick_zoo):
+    from workbench.techniques._quantize import match_layers
+    from workbench.techniques.base import TechniqueParamError
+    from workbench.techniques.quantization import Quantization
+
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj", "lm_head"]
+    assert match_layers(names, ["down_proj"]) == set(names[:2])
+    assert match_layers(names, ["lm_head", "model.layers.1.*"]) == {"lm_head", *names[1:3]}
+    with pytest.raises(ValueError, match="'down' matches no linear layer.*lm_head"):
+        match_layers(names, ["down"])
+    for bad, message in (("lm_head,,x", "empty item"), ("auto,lm_head", "mixes 'auto'")):
+        with pytest.raises(TechniqueParamError, match=message) as caught:
+            Quantization(keep_float=bad)
+        assert "\n" not in str(caught.value) and repr(bad) in str(caught.value)
+    with pytest.raises(TechniqueParamError, match="max_perplexity_change_percent"):
+        Quantization(keep_float="auto", max_perplexity_change_percent=-1)
+    with pytest.raises(ValueError, match="casts the whole model"):
+        quantize_copy(_tiny_gpt2(), "bf16", keep_float={"lm_head"})
+    # at plan time: whole-model casts, classifiers for auto
+    with pytest.raises(NotApplicableError, match="casts the whole model"):
+        plan(_spec("fp16", keep_float="lm_head"))
+    with pytest.raises(NotApplicableError, match="keep_float=auto scans perplexity on causal LMs"):
+        plan(_spec("int8-dynamic", model="zoo:code-classifier", workload="code-snippets", keep_float="auto"))
+    # a pattern matching no layer of the loaded model: the run fails with that one line
+    result = execute(plan(_spec("int8-dynamic", keep_float="lm_head,nosuchlayer")), progress=False)
+    assert result.status == "failed" and "'nosuchlayer' matches no linear layer" in result.failure_reason
+    assert "\n" not in result.failure_reason
+
+
+def test_auto_keeps_exactly_the_one_sensitive_layer_float():
+    from workbench.techniques._sensitivity import search_keep_float
+
+    model = _tiny_llama(outlier_layer=1)
+    torch.manual_seed(1)  # calibration text drawn from the float model itself: any damage raises perplexity
+    with torch.inference_mode():
+        ids = model.generate(torch.zeros(1, 1, dtype=torch.long), do_sample=True, top_k=0, top_p=1.0,
+                             max_new_tokens=256, min_new_tokens=256, pad_token_id=0)[0]
+    found = search_keep_float(model, "int8-dynamic", ids, window=128, max_perplexity_change_percent=1.0)
+    sensitivity = found["per_group_perplexity_change_percent"]
+    assert found["groups"] == len(sensitivity) == 3 * 7 + 1  # q k v o gate up down per layer, and the LM head
+    assert max(sensitivity, key=sensitivity.get) == "model.layers.1.mlp.down_proj"
+    # All quantized is over the budget; keeping that one layer float is within it, and nothing more is kept.
+    steps = found["steps"]
+    assert steps[0]["perplexity_change_percent"] > 1.0 >= steps[-1]["perplexity_change_percent"]
+    assert found["keep_float"] == ["model.layers.1.mlp.down_proj"] and len(steps) == 2
+    # Without the outlier, int8 is within the budget as it is: nothing kept float.
+    plain = search_keep_float(_tiny_llama(), "int8-dynamic", ids, window=128, max_perplexity_change_percent=1.0)
+    assert plain["keep_float"] == [] and len(plain["steps"]) == 1
+
+
+def test_auto_through_the_runner_reports_the_scan_and_the_timed_curve(quick_zoo):
+    # a zero budget: all-int8 exceeds it on the quick zoo LM, so the search keeps layers float and times a curve
+    spec = _spec("int8-dynamic", keep_float="auto", max_perplexity_change_percent=0.0, curve_points=3)
+    result = execute(plan(spec), progress=False)
+    assert result.status == "ok", result.failure_reason
+    tech = result.internals["technique"]
+    search = tech["sensitivity_search"]
+    assert len(search["per_group_perplexity_change_percent"]) == search["groups"] == tech["linear_layers"]
+    steps = search["steps"]
+    assert search["calibration_tokens"] > 0 and steps[0]["perplexity_change_percent"] > 0.0
+    assert steps[-1]["perplexity_change_percent"] <= 0.0 and len(steps) >= 2
+    # the curve: greedy steps timed against float, the operating point within the budget, what stayed float listed
+    curve, point = search["curve"], search["operating_point"]
+    assert len(curve) >= 2 and curve[0]["kept_float"] == 0
+    assert all(p["speedup_vs_float"] > 0 and p["speedup_ci_low"] is not None for p in curve)
+    assert point["perplexity_change_percent"] <= 0.0 and point["kept_float"] == len(tech["kept_float"])
+    assert tech["kept_float"] == search["keep_float"] and tech["quantized_layers"] == \
+        tech["linear_layers"] - len(tech["kept_float"])
+    assert "kept float (auto" in result.report["headline"]
+    # the quality reported is the timed inputs' text, as without the search
+    assert result.quality["quality_text_tokens"] > 0 and "perplexity_change_percent" in result.quality

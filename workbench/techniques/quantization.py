@@ -7,10 +7,19 @@ for language models, perplexity of both models on the workload's own text and th
 of their next-token distributions; for classifiers, accuracy change (from the standard comparison) and
 the KL divergence of the label distributions.
 
+Mixed precision (``keep_float``): a comma list of layer-name patterns left in float, or ``auto``: on
+causal LMs, a per-layer sensitivity scan on the calibration split (never timed) keeps the most sensitive
+layers float until the calibration perplexity change is within ``max_perplexity_change_percent``, and a
+curve (layers kept float -> perplexity change -> decode speed against float, timed side by side) picks
+the fastest configuration inside the budget (:mod:`workbench.techniques._sensitivity`). The quality
+reported is still that on the timed inputs' text.
+
 Example:
     >>> from workbench.techniques.quantization import Quantization
     >>> Quantization(scheme="int8-dynamic").config["scheme"]
     'int8-dynamic'
+    >>> Quantization(keep_float="lm_head, down_proj").keep_float_patterns_
+    ['lm_head', 'down_proj']
 """
 
 from __future__ import annotations
@@ -22,9 +31,12 @@ import torch
 from workbench import quality
 from workbench.measure import CallOutput
 from workbench.techniques._execute import classify, generate
-from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
-from workbench.techniques.base import (ExpertRule, Facts, Metric, Outcome, Param, Technique, TechniqueReport, Trial,
-                                       register)
+from workbench.errors import NotApplicableError
+from workbench.techniques import _sensitivity
+from workbench.techniques._quantize import (SCHEMES, WHOLE_MODEL_CASTS, linear_layer_names, match_layers,
+                                            quantize_copy, why_not_scheme)
+from workbench.techniques.base import (ExpertRule, Facts, Metric, Outcome, Param, Technique, TechniqueParamError,
+                                       TechniqueReport, Trial, register)
 
 WIDE_HIDDEN_SIZE = 256  # expert rule: a model this wide is matmul-bound on CPU, where int8 pays
 
@@ -47,7 +59,21 @@ class Quantization(Technique):
                         choices=tuple(SCHEMES)),
         "quality_tokens": Param(int, 2048, "tokens of the workload's text scored for perplexity and KL; more is "
                                 "steadier and slower (untimed)", minimum=16),
+        "keep_float": Param(str, "", "layers left in float: '' none; 'auto' scans per-layer sensitivity on the "
+                            "calibration split and keeps the most sensitive float until within the budget (causal "
+                            "LMs; minutes of prepare on a real model); or a comma list of layer names / globs "
+                            "(lm_head, down_proj, model.layers.2*.mlp.down_proj). More float: closer, slower"),
+        "max_perplexity_change_percent": Param(float, 2.0, "keep_float=auto: the budget, calibration perplexity "
+                                               "change the whole quantized model may cost", minimum=0.0),
+        "curve_points": Param(int, 5, "keep_float=auto: greedy steps timed against float in prepare (none kept "
+                              "float, the chosen one, doublings between); more, longer prepare", minimum=1),
+        "curve_repeats": Param(int, 1, "keep_float=auto: timed passes per curve point in prepare; more, steadier "
+                               "speedups", minimum=1),
     }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.keep_float_patterns_ = parse_keep_float(self.config["keep_float"])
 
     @property
     def lossless(self) -> bool:
@@ -60,16 +86,70 @@ class Quantization(Technique):
         scheme = self.config["scheme"]
         if scheme in ("fp16", "bf16") and spec.dtype != "float32":
             return f"the model already runs in {spec.dtype}: scheme {scheme!r} compares against float32, use --dtype float32"
-        return why_not_scheme(scheme, spec.device)
+        reason = why_not_scheme(scheme, spec.device)
+        if reason or not self.keep_float_patterns_:
+            return reason
+        if scheme in WHOLE_MODEL_CASTS:
+            return (f"scheme {scheme!r} casts the whole model, so no layer can stay float32: drop keep_float or use "
+                    "a per-layer scheme (int8-dynamic, int8-weight-only)")
+        if self.keep_float_patterns_ == ["auto"]:
+            if facts.model.kind != "causal_lm":
+                return (f"keep_float=auto scans perplexity on causal LMs, not a {facts.model.kind}: give the layers "
+                        "to keep float as a comma list instead")
+            if facts.calibration_items < 1:
+                return (f"keep_float=auto scans layers on calibration inputs that are never timed, and the workload "
+                        f"{spec.workload.name!r} has none to spare: lower max_items or add lines to the file")
+        return None
 
     def prepare(self, trial: Trial) -> None:
-        # 1. The quantized copy and what really changed.
+        # 1. Which layers stay float: none, the named ones, or the sensitivity search's choice.
         model = trial.model
         self._model, self._spec = model, trial.spec
-        self._quantized, self._report = quantize_copy(model.model, self.config["scheme"])
-        # 2. Quality that needs both models side by side (untimed): perplexity and KL on the timed inputs' text.
+        self._search = None
+        keep = self._keep_float(trial)
+        # 2. The quantized copy and what really changed.
+        self._quantized, self._report = quantize_copy(model.model, self.config["scheme"], keep_float=keep)
+        # 3. Quality that needs both models side by side (untimed): perplexity and KL on the timed inputs' text.
         self._quality = _distribution_quality(model, self._quantized, trial.texts, trial.spec.device,
                                               self.config["quality_tokens"])
+
+    def _keep_float(self, trial: Trial) -> set[str]:
+        patterns = self.keep_float_patterns_
+        if not patterns:
+            return set()
+        if patterns != ["auto"]:
+            try:
+                return match_layers(linear_layer_names(trial.model.model), patterns)
+            except ValueError as exc:
+                raise TechniqueParamError(f"quantization parameter keep_float={self.config['keep_float']!r}: {exc}") \
+                    from None
+        if not trial.calibration:
+            raise NotApplicableError("keep_float=auto needs calibration inputs that are never timed, and there are "
+                                     "none: lower max_items")
+        self._search = self._auto(trial)
+        return set(self._search["keep_float"])
+
+    def _auto(self, trial: Trial) -> dict[str, Any]:
+        """The sensitivity search on the calibration text, then its curve timed against float."""
+        # 1. Scan and greedy search on the calibration split's text (untimed, never the timed inputs).
+        model, spec, cfg = trial.model, trial.spec, self.config
+        budget = cfg["max_perplexity_change_percent"]
+        texts = [t for batch in trial.calibration for t in batch.texts if t]
+        ids = model.tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0][:cfg["quality_tokens"]]
+        mixed = _sensitivity.MixedPrecision(model.model, cfg["scheme"])
+        found = _sensitivity.search_keep_float(model.model, cfg["scheme"], ids.to(spec.device), _window(model),
+                                               budget, mixed=mixed)
+        # 2. A few greedy steps timed side by side with float on the calibration prompts; the fastest
+        # within the budget is the operating point (the chosen step unless a timed one beats it).
+        steps = _sensitivity.curve_steps(len(found["keep_float"]), cfg["curve_points"])
+        max_new = spec.workload.max_new_tokens
+        curve = _sensitivity.time_curve(
+            mixed, model.model, found, steps,
+            lambda module, i: generate(module, model.tokenizer, trial.calibration[i], max_new),
+            len(trial.calibration), cfg["curve_repeats"], spec.device, spec.seed)
+        point = _sensitivity.operating_point(curve, budget, found["groups"])
+        found["keep_float"] = found["keep_float"][:point["kept_float"]]
+        return {**found, "curve": curve, "operating_point": point}
 
     def run(self, batch: Any) -> CallOutput:
         if self._model.kind == "causal_lm":
@@ -81,6 +161,8 @@ class Quantization(Technique):
         after = done["bytes_after"]
         compression = done["bytes_before"] / after if after else None
         internals = {**done, "compression": compression}
+        if self._search is not None:
+            internals["sensitivity_search"] = self._search
         q = self._quality
         if "perplexity_change_percent" in q:
             metrics = quality.lm_quality_metrics(q)
@@ -91,7 +173,21 @@ class Quantization(Technique):
             lossless=False, model_bytes=after, bytes_read_per_token=after, quality=metrics, internals=internals,
             features=self.features(self.config, self._model.info, None),
             headline=f"{self.config['scheme']} by {done.get('library', 'torch')}: "
-                     + (f"{compression:.2f}x smaller weights" if compression else "weights unchanged in size"))
+                     + (f"{compression:.2f}x smaller weights" if compression else "weights unchanged in size")
+                     + self._float_text())
+
+    def _float_text(self) -> str:
+        kept = self._report["kept_float"]
+        if not self.keep_float_patterns_:
+            return ""
+        text = f"; {len(kept)} of {self._report['linear_layers']} linear layers kept float"
+        if self._search is None:
+            return text
+        point = self._search["operating_point"]
+        text += (f" (auto: calibration perplexity {point['perplexity_change_percent']:+.2f}% within "
+                 f"{self._search['max_perplexity_change_percent']}%, {point['speedup_vs_float']:.2f}x decode there"
+                 + ("" if point["faster_than_float"] else ", not faster than float") + ")")
+        return text + (f"; {point['fallback']}" if "fallback" in point else "")
 
     @classmethod
     def features(cls, params: dict[str, Any], model: dict[str, Any], draft: dict[str, Any] | None) -> dict[str, Any]:
@@ -107,6 +203,26 @@ class Quantization(Technique):
         self._quantized = None
 
 
+def parse_keep_float(text: str) -> list[str]:
+    """The keep_float parameter as patterns: [] for '', ['auto'], or the comma list; bad lists raise one line."""
+    if not text.strip():
+        return []
+    patterns = [p.strip() for p in text.split(",")]
+    if any(not p for p in patterns):
+        raise TechniqueParamError(f"quantization parameter keep_float={text!r} has an empty item: use '' for none, "
+                                  "'auto', or layer names separated by single commas, e.g. lm_head,down_proj")
+    if "auto" in patterns and len(patterns) > 1:
+        raise TechniqueParamError(f"quantization parameter keep_float={text!r} mixes 'auto' with layer names: use "
+                                  "keep_float=auto alone, or the layer names alone")
+    return patterns
+
+
+def _window(model: Any) -> int:
+    """Tokens per teacher-forced window: the model's context, at most 512."""
+    return min(getattr(model.model.config, "n_positions", None) or getattr(
+        model.model.config, "max_position_embeddings", 512), 512)
+
+
 def _distribution_quality(model: Any, quantized: Any, texts: list[str], device: str,
                           max_tokens: int) -> dict[str, Any]:
     """Perplexity of both models (LMs) and mean KL(original || quantized) of their output distributions."""
@@ -118,7 +234,5 @@ def _distribution_quality(model: Any, quantized: Any, texts: list[str], device: 
             q = torch.log_softmax(quantized(**enc).logits.float(), dim=-1)
             return {"label_kl_mean": float(torch.sum(p.exp() * (p - q), dim=-1).clamp_min(0).mean()), "kl_inputs": len(texts)}
         # Language models: the workload's texts as one stream, in windows the model can take.
-        window = min(getattr(model.model.config, "n_positions", None) or getattr(
-            model.model.config, "max_position_embeddings", 512), 512)
         return quality.lm_text_quality(tokenizer, texts, lambda ids: model.model(input_ids=ids).logits,
-                                       lambda ids: quantized(input_ids=ids).logits, max_tokens, window, device)
+                                       lambda ids: quantized(input_ids=ids).logits, max_tokens, _window(model), device)
