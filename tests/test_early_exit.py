@@ -117,6 +117,7 @@ def test_curve_and_operating_point(classifier):
         assert chosen["speedup_vs_full"] == max(p["speedup_vs_full"] for p in allowed)
     assert report["threshold_used"] == chosen["threshold"]  # threshold unset: the operating point's
     assert sum(report["exit_layer_histogram"].values()) == 8
+    assert report["exit_pooling"]["pooling"] == "first"  # auto, and the quick zoo's BERT has no pooling config
     training = report["heads_training"]
     assert training["items"] == 4 and training["curve_items"] == 4 and training["steps"] == 40  # two halves
     assert len(training["per_layer_head_accuracy"]) == 3 and len(training["per_layer_train_accuracy"]) == 3
@@ -253,29 +254,14 @@ def test_lm_never_exiting_equals_greedy_and_low_threshold_runs_fewer_layers(caus
 
 def test_lm_exited_tokens_get_exact_cache_entries(causal_lm):
     """Exited tokens catch up on the deeper layers later: the cache must equal the full model's."""
-    from transformers import DynamicCache
-
     from workbench.techniques._layers import decoder_stack
 
-    stack = decoder_stack(causal_lm.model)
-    ids = torch.tensor([[5, 17, 42, 9]])
-    # exits everywhere but the last token: every deeper layer catches up in one batched call at the end
-    out = calm_generate_steps(stack, ids)
-    full = DynamicCache(config=causal_lm.model.config)
-    with torch.inference_mode():
-        causal_lm.model(input_ids=torch.cat([ids, torch.tensor([out["tokens"][:-1]])], 1), cache=full,
-                        use_cache=True)
-    for mine, reference in zip(out["cache"].layers, full.layers, strict=True):  # every layer, deep ones included
-        assert mine.keys.shape == reference.keys.shape
-        assert torch.allclose(mine.keys, reference.keys, atol=1e-5)
-        assert torch.allclose(mine.values, reference.values, atol=1e-5)
+    assert_exact_cache(decoder_stack(causal_lm.model), torch.tensor([[5, 17, 42, 9]]))
 
 
 def calm_generate_steps(stack, ids):
     """Decode 4 tokens exiting after layer 1 for three, then a full-depth token; return tokens and cache."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=stack.model.config)
+    cache = stack.new_cache()
     with torch.inference_mode():
         hidden = stack.embed(ids, 0)
         for index in range(stack.num_layers):
@@ -296,18 +282,248 @@ def calm_generate_steps(stack, ids):
     return {"tokens": tokens, "cache": cache}
 
 
-def test_lm_unsupported_architecture_and_batch_size(quick_zoo, causal_lm):
+def full_cache(model, ids):
+    """The full model's own cache after a forward over ``ids`` (a plain cache that keeps every key)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    return cache
+
+
+def assert_cache_matches(cache, reference, lengths=None):
+    """Layer by layer, every cached key/value equals the full model's (its first ``lengths[i]`` tokens)."""
+    assert len(cache.layers) == len(reference.layers)
+    for index, (mine, full) in enumerate(zip(cache.layers, reference.layers, strict=True)):
+        length = mine.keys.shape[-2]
+        assert lengths is None or length == lengths[index]
+        assert torch.allclose(mine.keys, full.keys[..., :length, :], atol=1e-5), f"layer {index} keys"
+        assert torch.allclose(mine.values, full.values[..., :length, :], atol=1e-5), f"layer {index} values"
+
+
+def assert_exact_cache(stack, ids):
+    # 1. Three tokens exit after layer 1, then a full-depth token: the deeper layers catch up on four
+    # tokens in one call (rotary positions past .. past+3 there), and every entry is the full model's.
+    out = calm_generate_steps(stack, ids)
+    sequence = torch.cat([ids, torch.tensor([out["tokens"][:-1]])], 1)
+    assert_cache_matches(out["cache"], full_cache(stack.model, sequence),
+                         [sequence.shape[1]] * stack.num_layers)
+    # 2. calm_generate exiting every token after layer 1: the deeper layers' entries lag (the prompt only)
+    # and what is there is still the full model's.
+    from workbench.techniques.early_exit import calm_generate
+
+    cache = stack.new_cache()
+    decoded = calm_generate(stack, ids, 5, 0.0, frozenset({1}), None, cache=cache)
+    assert decoded["exit_layers"] == [stack.num_layers, 1, 1, 1, 1]
+    sequence = torch.cat([ids, torch.tensor([decoded["tokens"][:-1]])], 1)
+    assert_cache_matches(cache, full_cache(stack.model, sequence),
+                         [sequence.shape[1]] + [ids.shape[1]] * (stack.num_layers - 1))
+
+
+# -- causal LMs of the Llama layout (rotary positions): tiny random seeded models ----------------------
+
+_TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_decoder(family: str):
+    """A tiny seeded random causal LM of ``family``; Mistral with a 5-token sliding window, so the
+    window cuts in (prompt 4 + up to 8 new tokens)."""
+    import transformers
+
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+               "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),
+               "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+               "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "eos_token_id": 2})}
+    config_name, model_name, extra = classes[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(**_TINY, **extra, architectures=[model_name])
+    return getattr(transformers, model_name)(config).eval()
+
+
+ROTARY_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "phi3")
+
+
+@pytest.mark.parametrize("family", ROTARY_FAMILIES)
+def test_rotary_lm_never_exiting_equals_greedy_generate(family):
+    from workbench.techniques._layers import decoder_stack
+    from workbench.techniques.early_exit import calm_generate
+
+    model = tiny_decoder(family)
+    stack = decoder_stack(model)
+    assert stack.layout == "rotary"
+    ids = torch.tensor([[5, 17, 42, 9]])
+    out = calm_generate(stack, ids, 8, 1.0, frozenset({1, 2, 3}), None)
+    with torch.inference_mode():
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+    assert out["tokens"] == greedy[0, ids.shape[1]:].tolist()
+    assert out["exit_layers"] == [stack.num_layers] * 8
+
+
+@pytest.mark.parametrize("family", ROTARY_FAMILIES)
+def test_rotary_lm_exited_tokens_get_exact_cache_entries(family):
+    from workbench.techniques._layers import decoder_stack
+
+    assert_exact_cache(decoder_stack(tiny_decoder(family)), torch.tensor([[5, 17, 42, 9]]))
+
+
+@pytest.mark.parametrize("family", ("llama", "gemma"))
+def test_rotary_lm_exit_logits_take_the_exit_layers_distribution(family):
+    """Teacher-forced: threshold 1.0 is the model's own logits; threshold 0 is layer k's through the
+    final norm and head, as the stack computes it."""
+    from workbench.techniques._layers import decoder_stack
+    from workbench.techniques.early_exit import exit_logits
+
+    model = tiny_decoder(family)
+    stack = decoder_stack(model)
+    ids = torch.tensor([[5, 17, 42, 9, 33, 61]])
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits[0]
+        hidden, cache = stack.embed(ids, 0), stack.new_cache()
+        for index in range(2):
+            hidden = stack.layer(index, hidden, cache)
+        layer2 = stack.logits(hidden[0])
+    assert torch.allclose(exit_logits(stack, ids, 1.0, frozenset({2})), full, atol=1e-5)
+    assert torch.allclose(exit_logits(stack, ids, 0.0, frozenset({2, 3})), layer2, atol=1e-5)
+
+
+def test_rotary_lm_end_to_end_never_exiting_equals_the_baseline(quick_zoo, causal_lm):
+    """The technique itself on a tiny Llama (prepare, curve, timed calls, teacher-forced quality)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**{**_TINY, "vocab_size": len(causal_lm.tokenizer),
+                                            "max_position_embeddings": 256})).eval()
     fake = LoadedModel(ModelSpec("zoo:code-target"), "causal_lm", llama, causal_lm.tokenizer, "cpu", "float32",
                        "-", {})
     trial = trial_for(lm_spec(), causal_lm)
     trial.model = fake
-    with pytest.raises(NotApplicableError, match="LlamaForCausalLM"):  # the layer stack's own refusal, too
+    technique = EarlyExit(threshold=1.0, thresholds="1.0", curve_repeats=1, quality_tokens=64)
+    technique.prepare(trial)
+    outs = [technique.run(b) for b in technique.batches_]
+    assert [o.output for o in outs] == [technique._full(b).output for b in technique.batches_]
+    report = technique.internals([o.internals for o in outs])
+    assert report["mean_layers_executed"] == 4 and report["exit_check_layers"] == [1, 2, 3]
+    assert report["text_quality"]["perplexity_change_percent"] == pytest.approx(0.0, abs=1e-6)
+
+
+def config_facts(tmp_path, config):
+    from workbench.models.facts import read_facts
+    from workbench.techniques.base import Facts
+
+    config.save_pretrained(tmp_path)
+    return Facts(read_facts(ModelSpec(str(tmp_path))), None, "cpu", 4)
+
+
+@pytest.mark.parametrize("family", ROTARY_FAMILIES)
+def test_check_accepts_the_supported_decoder_families_from_config_alone(tmp_path, family):
+    facts = config_facts(tmp_path, tiny_decoder(family).config)
+    assert facts.model.kind == "causal_lm" and facts.model.family == family
+    assert EarlyExit().check(facts, lm_spec()) is None
+
+
+def test_check_refuses_other_decoders_naming_the_architecture(tmp_path):
+    from transformers import GPTNeoXConfig, LlamaConfig, OPTConfig
+
+    for name, config in (("GPTNeoXForCausalLM", GPTNeoXConfig(architectures=["GPTNeoXForCausalLM"])),
+                         ("OPTForCausalLM", OPTConfig(architectures=["OPTForCausalLM"]))):
+        reason = EarlyExit().check(config_facts(tmp_path / name, config), lm_spec())
+        assert name in reason and "llama" in reason and "\n" not in reason
+    # a rope that rescales with the sequence length cannot keep a lagging layer's keys exact
+    dynamic = LlamaConfig(**_TINY, architectures=["LlamaForCausalLM"],
+                          rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    reason = EarlyExit().check(config_facts(tmp_path / "dynamic", dynamic), lm_spec())
+    assert "LlamaForCausalLM" in reason and "'dynamic'" in reason
+
+
+def test_lm_unsupported_architecture_and_batch_size(quick_zoo, causal_lm):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2)).eval()
+    fake = LoadedModel(ModelSpec("zoo:code-target"), "causal_lm", neox, causal_lm.tokenizer, "cpu", "float32",
+                       "-", {})
+    trial = trial_for(lm_spec(), causal_lm)
+    trial.model = fake
+    with pytest.raises(NotApplicableError, match="GPTNeoXForCausalLM"):  # the layer stack's own refusal, too
         EarlyExit().prepare(trial)
     batched = RunSpec(ModelSpec("zoo:code-target"), WorkloadSpec("code-prompts", batch_size=2),
                       TechniqueSpec("early_exit"))
     with pytest.raises(NotApplicableError, match="batch_size=1"):
         runner.plan(batched)
+
+
+# -- encoders: other families, and heads that pool as the model pools ------------------------------
+
+
+def tiny_encoder(family: str):
+    import transformers
+
+    small = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                 num_labels=3)
+    configs = {"bert": ("BertConfig", small), "roberta": ("RobertaConfig", small),
+               "electra": ("ElectraConfig", {**small, "embedding_size": 16}),  # embeddings_project 16 -> 32
+               "distilbert": ("DistilBertConfig", dict(vocab_size=64, dim=32, n_layers=3, n_heads=2, hidden_dim=64,
+                                                       num_labels=3)),
+               "albert": ("AlbertConfig", {**small, "embedding_size": 16})}
+    name, kwargs = configs[family]
+    model_class = name.replace("Config", "ForSequenceClassification")
+    torch.manual_seed(0)
+    config = getattr(transformers, name)(**kwargs, architectures=[model_class])
+    return getattr(transformers, model_class)(config).eval()
+
+
+PADDED = {"input_ids": torch.tensor([[3, 7, 8, 9, 4], [3, 7, 5, 1, 1]]),
+          "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
+
+
+@pytest.mark.parametrize("family", ("bert", "roberta", "electra", "distilbert"))
+def test_encoder_families_reproduce_their_logits_layer_by_layer(tmp_path, family):
+    from workbench.techniques._layers import classifier_stack
+
+    model = tiny_encoder(family)
+    stack = classifier_stack(model, PADDED)  # checks embed -> blocks -> head against the model on padded rows
+    assert stack.num_layers == 3
+    assert EarlyExit().check(config_facts(tmp_path, model.config), classifier_spec()) is None
+
+
+def test_albert_is_refused_at_plan_time_and_by_the_stack(tmp_path):
+    from workbench.techniques._layers import classifier_stack
+
+    model = tiny_encoder("albert")
+    reason = EarlyExit().check(config_facts(tmp_path, model.config), classifier_spec())
+    assert "AlbertForSequenceClassification" in reason and "shared block" in reason and "\n" not in reason
+    with pytest.raises(NotApplicableError, match="AlbertForSequenceClassification"):
+        classifier_stack(model, PADDED)
+
+
+def test_mean_pooling_ignores_padding_and_is_read_from_the_sentence_transformers_config(tmp_path):
+    from workbench.techniques.early_exit import exit_pooling, pool
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    pooled = pool(hidden.clone().index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(1e6)), mask, "mean")
+    assert torch.allclose(pooled[0], hidden[0].mean(0)) and torch.allclose(pooled[1], hidden[1, :2].mean(0))
+    assert torch.equal(pool(hidden, mask, "first"), hidden[:, 0])
+    # decided from the model's files: a sentence encoder's pooling config, else the head's first token
+    assert exit_pooling(str(tmp_path), "bert")["pooling"] == "first"
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": False,
+                                                                    "pooling_mode_mean_tokens": True}))
+    decided = exit_pooling(str(tmp_path), "bert")
+    assert decided["pooling"] == "mean" and "1_Pooling/config.json" in decided["decided_by"]
+    assert exit_pooling(str(tmp_path), "bert", "first")["pooling"] == "first"  # the parameter overrides
+
+
+def test_mean_pooled_heads_exit_and_never_exiting_still_reproduces(classifier):
+    never = prepared(classifier, threshold=1.0, pooling="mean")
+    for batch in never.batches_:
+        assert never.run(batch).output == classify(classifier.model, batch).output
+    always = prepared(classifier, threshold=0.0, pooling="mean")
+    calls = [always.run(b).internals for b in always.batches_]
+    report = always.internals(calls)
+    assert report["mean_layers_executed"] == 1.0
+    assert report["exit_pooling"] == {"pooling": "mean", "decided_by": "the pooling=mean parameter"}
+    assert never._pooled_features(never.batches_[:1]).shape == (4, 3, classifier.model.config.hidden_size)

@@ -20,15 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def llama_folder(quick_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real (tiny, randomly initialised) LlamaForCausalLM saved with save_pretrained, with the zoo's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def neox_folder(quick_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny, randomly initialised) GPTNeoXForCausalLM saved with save_pretrained, with the zoo's tokenizer:
+    an architecture early exit does not drive (it drives GPT-2 and the Llama layout)."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    folder = tmp_path_factory.mktemp("tiny-neox")
     tokenizer = AutoTokenizer.from_pretrained(quick_zoo / "code-target")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=256)
+    GPTNeoXForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -71,10 +72,10 @@ def no_weights_may_load(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(refuse))
 
 
-def test_refused_before_any_weight_loads(llama_folder, other_tokenizer_draft, no_weights_may_load):
-    with pytest.raises(NotApplicableError, match="GPT-2-style") as err:
-        runner.plan(early_exit_on(llama_folder))
-    assert "LlamaForCausalLM" in str(err.value) and "\n" not in str(err.value)
+def test_refused_before_any_weight_loads(neox_folder, other_tokenizer_draft, no_weights_may_load):
+    with pytest.raises(NotApplicableError, match="Llama-layout") as err:
+        runner.plan(early_exit_on(neox_folder))
+    assert "GPTNeoXForCausalLM" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(NotApplicableError, match="different tokenizer") as err:
         runner.plan(speculative_with(other_tokenizer_draft))
     assert "same vocabulary" in str(err.value) and "\n" not in str(err.value)
@@ -96,10 +97,10 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 
 def test_run_exits_2_and_a_sweep_stores_skipped_rows_that_resume_never_retries(
-        llama_folder, other_tokenizer_draft, cli_env, tmp_path):
+        neox_folder, other_tokenizer_draft, cli_env, tmp_path):
     url = f"sqlite:///{tmp_path / 'runs.sqlite'}"
     # 1. `workbench run`: one line, exit 2, nothing stored.
-    for args in (["--model", str(llama_folder), "--technique", "early_exit"],
+    for args in (["--model", str(neox_folder), "--technique", "early_exit"],
                  ["--model", "zoo:code-target", "--technique", "speculative", "--draft", str(other_tokenizer_draft)]):
         done = _cli(cli_env, "run", *args, "--workload", "code-prompts", "--max-items", "2", "--repeats", "1",
                     "--store", url)
@@ -109,7 +110,7 @@ def test_run_exits_2_and_a_sweep_stores_skipped_rows_that_resume_never_retries(
     # 2. A sweep: both stored as skipped with their reasons, the applicable run ok.
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"""
-models: ["{llama_folder}", zoo:code-target]
+models: ["{neox_folder}", zoo:code-target]
 workloads: [{{name: code-prompts, max_items: 2, max_new_tokens: 4}}]
 techniques:
   - {{name: early_exit, params: {{thresholds: "0.5", curve_repeats: 1}}}}
@@ -122,7 +123,7 @@ repeats: 1
     by_status = runs.groupby("status").size().to_dict()
     assert by_status == {"ok": 1, "skipped": 3}, runs[["model", "technique", "status", "failure_reason"]]
     reasons = " ".join(runs["failure_reason"].dropna())
-    assert "GPT-2-style" in reasons and "different tokenizer" in reasons
+    assert "Llama-layout" in reasons and "different tokenizer" in reasons
     # 3. --resume: nothing is retried.
     done = _cli(cli_env, "sweep", str(sweep), "--store", url, "--resume", "--quiet")
     assert done.returncode == 0 and "0 ok, 0 failed, 0 skipped, 4 already stored" in done.stdout, done.stdout

@@ -1,7 +1,9 @@
 """Early exit: stop the forward pass at the first layer that is sure enough.
 
 Classifiers (DeeBERT / PABEE style): one small linear exit head per intermediate layer reads the
-first token's hidden state; the last layer always uses the model's own head, so a threshold that never
+layer's hidden states pooled the way the model pools (:func:`exit_pooling`: the mean over non-padding
+tokens for a sentence encoder whose sentence-transformers pooling config says so, else the first token
+its own classification head reads); the last layer always uses the model's own head, so a threshold that never
 exits reproduces the model's predictions exactly. The heads are trained in :meth:`EarlyExit.prepare`
 on one half of the trial's *calibration* split (labelled inputs of the same workload that are never
 timed) with the backbone frozen; their per-layer accuracy is then reported on the timed inputs' labels. A row that exits
@@ -37,14 +39,15 @@ from workbench.errors import NotApplicableError
 from workbench.measure import CallOutput, run_interleaved, summarize_samples
 from workbench.techniques._execute import classify, generate
 from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
-from workbench.techniques._layers import ClassifierStack, DecoderStack, classifier_stack, decoder_stack
+from workbench.techniques._layers import (DECODER_LAYOUTS, ClassifierStack, DecoderStack, classifier_stack,
+                                          decoder_stack, why_not_decoder, why_not_encoder)
 from workbench.techniques.base import (ExpertRule, Facts, Metric, Outcome, Param, Technique, TechniqueParamError,
                                        TechniqueReport, Trial, register)
 
 FULL = "full"  # name of the full-model variant in the threshold curve
-#: Causal-LM families whose layer stack early exit can drive (token + absolute position embeddings,
-#: blocks, a final norm): checked from config.json before any weight loads.
-DECODER_FAMILIES = ("gpt2",)
+#: Causal-LM families whose layer stack early exit can drive (GPT-2's absolute positions and the Llama
+#: layout's rotary ones, see _layers.DECODER_LAYOUTS): checked from config.json before any weight loads.
+DECODER_FAMILIES = tuple(DECODER_LAYOUTS)
 MIN_CALIBRATION_ITEMS = 2  # labelled calibration inputs needed to train exit heads
 
 
@@ -77,21 +80,69 @@ class ExitHeads(nn.Module):
         self.weight = nn.Parameter(torch.zeros(exits, labels, hidden))
         self.bias = nn.Parameter(torch.zeros(exits, labels))
 
-    def logits(self, layer: int, first_token: torch.Tensor) -> torch.Tensor:
-        """(b, C) logits of exit head ``layer`` (0-based) for first-token states (b, H)."""
-        return first_token.to(self.weight.dtype) @ self.weight[layer].T + self.bias[layer]
+    def logits(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+        """(b, C) logits of exit head ``layer`` (0-based) for pooled states (b, H)."""
+        return pooled.to(self.weight.dtype) @ self.weight[layer].T + self.bias[layer]
 
     def all_logits(self, features: torch.Tensor) -> torch.Tensor:
         """(N, L-1, C) logits of every head for features (N, L-1, H)."""
         return torch.einsum("nlh,lch->nlc", features.to(self.weight.dtype), self.weight) + self.bias
 
 
+POOLINGS = ("auto", "first", "mean")  # what classifier exit heads read (see exit_pooling)
+_ST_POOLING_FILE = "1_Pooling/config.json"  # sentence-transformers' pooling config, beside the weights
+
+
+def pool(hidden: torch.Tensor, tokens_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(b, T, H) hidden states -> (b, H): the first token, or the mean over non-padding tokens
+    (``tokens_mask`` (b, T), 1 for a real token; None: every token is real)."""
+    if pooling == "first":
+        return hidden[:, 0]
+    if tokens_mask is None:
+        return hidden.mean(1)
+    weights = tokens_mask.to(hidden.dtype)[..., None]  # (b, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def exit_pooling(location: str, family: str | None, requested: str = "auto") -> dict[str, str]:
+    """How exit heads pool a layer's hidden states, decided from the model's files, and why.
+
+    ``auto``: ``mean`` when the folder holds a sentence-transformers pooling config that mean-pools
+    (``1_Pooling/config.json``, ``pooling_mode_mean_tokens``: a sentence encoder, whose first token is
+    not what it was trained to summarise the input in); ``first`` when that config pools the CLS token,
+    and otherwise (the first token is what the model's own classification head reads). ``first`` and
+    ``mean`` are taken as given.
+
+    Example:
+        >>> exit_pooling("/nonexistent", "bert")["pooling"]
+        'first'
+    """
+    if requested != "auto":
+        return {"pooling": requested, "decided_by": f"the pooling={requested} parameter"}
+    import json
+    from pathlib import Path
+
+    path = Path(location) / _ST_POOLING_FILE
+    if path.is_file():
+        config = json.loads(path.read_text())
+        if config.get("pooling_mode_mean_tokens"):
+            return {"pooling": "mean", "decided_by": f"{_ST_POOLING_FILE}: pooling_mode_mean_tokens (a sentence "
+                                                     "encoder; mean over non-padding tokens)"}
+        if config.get("pooling_mode_cls_token"):
+            return {"pooling": "first", "decided_by": f"{_ST_POOLING_FILE}: pooling_mode_cls_token"}
+    from workbench.techniques._layers import FIRST_TOKEN_HEADS
+
+    head = FIRST_TOKEN_HEADS.get(family or "", "the first token")
+    return {"pooling": "first", "decided_by": f"the model's own classification head reads the first token ({head}); "
+                                              f"no sentence-transformers pooling config ({_ST_POOLING_FILE})"}
+
+
 def train_exit_heads(features: torch.Tensor, labels: torch.Tensor, num_labels: int, steps: int,
                      learning_rate: float, seed: int) -> tuple[ExitHeads, dict[str, Any]]:
-    """Fit the exit heads on frozen first-token features of the calibration split.
+    """Fit the exit heads on frozen pooled features of the calibration split.
 
     Args:
-        features: (N, L-1, H) first-token hidden states after each intermediate layer, float32.
+        features: (N, L-1, H) pooled hidden states after each intermediate layer, float32.
         labels: (N,) gold label indices.
         steps: full-batch Adam steps.
 
@@ -119,7 +170,7 @@ def train_exit_heads(features: torch.Tensor, labels: torch.Tensor, num_labels: i
 
 
 def calm_generate(stack: DecoderStack, input_ids: torch.Tensor, max_new_tokens: int, threshold: float,
-                  exit_layers: frozenset[int], eos_token_id: int | None) -> dict[str, Any]:
+                  exit_layers: frozenset[int], eos_token_id: int | None, cache: Any = None) -> dict[str, Any]:
     """Greedy decoding, batch 1, with CALM-style per-token exits through the model's own LM head.
 
     After each layer in ``exit_layers`` (1-based, below the last) the final norm and LM head read the
@@ -130,15 +181,15 @@ def calm_generate(stack: DecoderStack, input_ids: torch.Tensor, max_new_tokens: 
 
     Args:
         input_ids: (1, T) prompt ids, no padding.
+        cache: an empty cache to fill (``stack.new_cache()`` when None); left holding every layer's
+            entries, which lag where tokens exited (a test reads them).
 
     Returns:
         ``tokens`` (new ids, cut after end-of-sequence), ``exit_layers`` (1-based, per new token),
         ``first_output_at`` (perf_counter seconds) and ``block_calls`` (layer forward calls made).
     """
-    from transformers import DynamicCache
-
     num_layers = stack.num_layers
-    cache = DynamicCache(config=stack.model.config)
+    cache = stack.new_cache() if cache is None else cache
     pending: list[torch.Tensor | None] = [None] * (num_layers + 1)  # pending[j]: (1, n, H) inputs waiting for layer j
     tokens: list[int] = []
     exits: list[int] = []
@@ -179,6 +230,16 @@ def calm_generate(stack: DecoderStack, input_ids: torch.Tensor, max_new_tokens: 
                         break
             token = int(label) if exit_layer < num_layers else int(stack.logits(hidden[:, -1]).argmax(-1))
     return {"tokens": tokens, "exit_layers": exits, "first_output_at": first_output_at, "block_calls": block_calls}
+
+
+def _config_json(model: Any) -> dict[str, Any]:
+    """config.json of a model's folder (plan time: nothing loaded), with the facts' family and architecture."""
+    import json
+    from pathlib import Path
+
+    path = Path(model.location) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return {**config, "model_type": model.family, "architectures": [model.architecture or model.family]}
 
 
 def _halves(batches: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -246,6 +307,9 @@ class EarlyExit(Technique):
                               choices=tuple(SCHEMES)),
         "check_every": Param(int, None, "causal LMs: test for an exit after every this many layers (each test "
                              "costs an LM-head pass); unset: every max(1, layers // 6)", minimum=1),
+        "pooling": Param(str, "auto", "classifiers: what the exit heads read: auto (as the model pools, from its "
+                         "files: a sentence-transformers pooling config's mean, else the first token its own head "
+                         "reads), first, or mean (over non-padding tokens)", choices=POOLINGS),
         "quality_tokens": Param(int, 2048, "causal LMs: tokens of the workload's text scored for perplexity and KL "
                                 "(untimed); more is steadier and slower", minimum=16),
     }
@@ -274,17 +338,21 @@ class EarlyExit(Technique):
         if model.layers is not None and model.layers < 2:
             return f"early_exit needs a model with 2 or more layers; {model.name!r} has {model.layers}"
         if model.kind == "classifier":
+            reason = why_not_encoder(model.family, model.architecture)
+            if reason:
+                return f"{reason} ({model.name!r})"
             if facts.calibration_items < MIN_CALIBRATION_ITEMS:
                 return (f"early_exit trains exit heads on labelled calibration inputs that are never timed, and the "
                         f"workload {spec.workload.name!r} has {facts.calibration_items} to spare (at least "
                         f"{MIN_CALIBRATION_ITEMS} needed): lower max_items or add lines to the file")
             return None
-        if model.family not in DECODER_FAMILIES:
-            return (f"early_exit on causal LMs supports GPT-2-style models (absolute position embeddings wte/wpe, "
-                    f"blocks, ln_f; model_type {', '.join(DECODER_FAMILIES)}), not {model.architecture or model.family} "
-                    f"({model.name!r})")
+        reason = why_not_decoder(_config_json(model))
+        if reason:
+            return f"{reason} ({model.name!r})"
         if self.config["policy"] != "confidence":
             return "early_exit on causal LMs uses policy=confidence (CALM); patience applies to classifiers"
+        if self.config["pooling"] != "auto":
+            return "early_exit parameter pooling applies to classifiers (causal LMs exit through the LM head): drop it"
         if spec.workload.batch_size != 1:
             return (f"early_exit on causal LMs decodes batch size 1 only, not batch_size={spec.workload.batch_size}:"
                     " set batch_size=1")
@@ -325,7 +393,9 @@ class EarlyExit(Technique):
         # 3. Quality on the workload's own text (the timed prompts), teacher-forced at the threshold used:
         # perplexity change and next-token KL against the full model (not the generated continuations).
         policy, threshold = self.rule_
-        window = min(getattr(model.model.config, "n_positions", None) or 512, 512)
+        config = model.model.config
+        window = min(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 512,
+                     512)
         self.text_quality_ = quality.lm_text_quality(
             model.tokenizer, [t for b in self.batches_ for t in b.texts],
             lambda ids: model.model(input_ids=ids).logits,
@@ -342,6 +412,8 @@ class EarlyExit(Technique):
         # 1. The layer stack (an unsupported architecture stops here, before any work).
         self._model, self._spec = model, spec
         self.stack_: ClassifierStack = classifier_stack(model.model)
+        self.pooling_ = exit_pooling(model.location, getattr(model.model.config, "model_type", None),
+                                     self.config["pooling"])
         if not self.stack_.reproduces(self.batches_[0].inputs):
             raise NotApplicableError(f"early_exit could not reproduce {type(model.model).__name__}'s logits "
                                      "layer by layer on the padded workload inputs: not supported yet")
@@ -349,7 +421,7 @@ class EarlyExit(Technique):
         # measured on the other, so the threshold is not chosen on the items the heads were fitted to.
         self.head_batches_, self.curve_batches_ = _halves(self.calibration_)
         labels = torch.tensor([y for b in self.head_batches_ for y in b.labels])
-        heads, report = train_exit_heads(self._first_token_features(self.head_batches_), labels,
+        heads, report = train_exit_heads(self._pooled_features(self.head_batches_), labels,
                                          model.model.config.num_labels, self.config["train_steps"],
                                          self.config["learning_rate"], self.config["seed"])
         param = next(model.model.parameters())
@@ -357,7 +429,7 @@ class EarlyExit(Technique):
         # 3. How good each head is on the timed inputs (evaluation only: nothing is chosen from it).
         timed_labels = torch.tensor([y for b in self.batches_ for y in b.labels])
         with torch.inference_mode():
-            predicted = self.heads_.all_logits(self._first_token_features(self.batches_).to(param.device)).argmax(-1)
+            predicted = self.heads_.all_logits(self._pooled_features(self.batches_).to(param.device)).argmax(-1)
         report["per_layer_head_accuracy"] = (predicted.cpu() == timed_labels[:, None]).float().mean(0).tolist()
         report["evaluated_on"] = "the timed inputs' gold labels (heads trained on the calibration split only)"
         self.training_ = report
@@ -367,10 +439,12 @@ class EarlyExit(Technique):
         self.operating_point_ = self._choose_operating_point(self.curve_)
         self.rule_ = self._rule_used()
 
-    def _first_token_features(self, batches: list[Any]) -> torch.Tensor:
-        """(N, L-1, H) float32 first-token states after every intermediate layer."""
+    def _pooled_features(self, batches: list[Any]) -> torch.Tensor:
+        """(N, L-1, H) float32 pooled states (:attr:`pooling_`) after every intermediate layer."""
+        pooling = self.pooling_["pooling"]
         with torch.inference_mode():
-            features = torch.cat([torch.stack([h[:, 0] for h in self.stack_.hidden_states(b.inputs)[:-1]], dim=1)
+            features = torch.cat([torch.stack([pool(h, b.inputs.get("attention_mask"), pooling)
+                                               for h in self.stack_.hidden_states(b.inputs)[:-1]], dim=1)
                                   for b in batches]).float().cpu()
         return features.clone()  # a normal tensor: the heads train on it with autograd
 
@@ -463,6 +537,7 @@ class EarlyExit(Technique):
         with torch.inference_mode():
             # 1. Embeddings for the whole batch; rows[i] is the batch row of running row i.
             hidden, mask = stack.embed(batch.inputs)  # (B, T, H)
+            tokens_mask, pooling = batch.inputs.get("attention_mask"), self.pooling_["pooling"]  # (B, T)
             size = hidden.shape[0]
             rows = torch.arange(size, device=hidden.device)
             predicted = torch.empty(size, dtype=torch.long, device=hidden.device)
@@ -476,7 +551,7 @@ class EarlyExit(Technique):
                     predicted[rows] = stack.head(hidden).argmax(-1)
                     break
                 # 3. This layer's exit head decides which rows stop here.
-                logits = heads.logits(index, hidden[:, 0])  # (b, C)
+                logits = heads.logits(index, pool(hidden, tokens_mask, pooling))  # (b, C)
                 label = logits.argmax(-1)
                 if policy == "confidence":
                     leave = logits.softmax(-1).amax(-1) > value
@@ -493,6 +568,7 @@ class EarlyExit(Technique):
                 if not bool(keep.any()):
                     break
                 rows, previous, streak = rows[keep], previous[keep], streak[keep]
+                tokens_mask = None if tokens_mask is None else tokens_mask[keep]
                 hidden, mask = stack.keep_rows(keep, hidden, mask)
         return predicted.tolist(), exit_layer.tolist()
 
@@ -564,11 +640,13 @@ class EarlyExit(Technique):
             })
             return report
         report.update({
-            "implementation": "layer-by-layer forward with linear exit heads on the first token "
-                              "(DeeBERT confidence / PABEE patience); exited rows leave the batch; "
+            "implementation": f"layer-by-layer forward with linear exit heads on the {self.pooling_['pooling']}-"
+                              "pooled hidden states (DeeBERT confidence / PABEE patience); exited rows leave "
+                              "the batch; "
                               "the last layer uses the model's own head",
             "layers_path": self.stack_.layers_path,
             "head_recipe": self.stack_.head_recipe,
+            "exit_pooling": self.pooling_,
             "curve_quality": "accuracy = accuracy on the workload's gold labels",
             "selection_note": "heads trained on one half of the calibration split, the operating point "
                               "chosen on the other half, never on the timed inputs",

