@@ -11,7 +11,8 @@ that a per-tensor int8 scale crushes). The search, all on calibration text that 
    teacher-forced pass over the calibration text each (a few minutes on 2 cores); grouping by kind
    across layers would be 8 passes but keeps all 30 ``down_proj`` float when a handful carry the loss.
 2. **Greedy**: everything quantized, then keep the most sensitive group in float, then the next ...,
-   measuring the whole model's perplexity change after each step, until it is within the budget.
+   until the whole model's perplexity change is within the budget (the step found by doubling and
+   bisection over the number kept float, see :func:`greedy_keep_float`).
 3. **Curve**: a few of those steps (none kept float, the chosen one and points between) timed side by
    side with the float model, interleaved (see :func:`time_curve`), so the speed each float layer costs
    is measured, not assumed.
@@ -106,24 +107,45 @@ def scan(mixed: MixedPrecision, score: Callable[[nn.Module], float]) -> dict[str
 
 
 def greedy_keep_float(mixed: MixedPrecision, score: Callable[[nn.Module], float], sensitivity: Mapping[str, float],
-                      max_perplexity_change_percent: float) -> list[dict[str, Any]]:
-    """Steps of the greedy search: step k keeps the k most sensitive groups in float; the last step is
-    the first within the budget (keeping everything float, 0% by definition, ends it at the latest)."""
+                      max_perplexity_change_percent: float) -> tuple[list[dict[str, Any]], int]:
+    """The fewest most-sensitive groups to keep float for the budget, and the steps measured on the way.
+
+    Step k keeps the k most sensitive groups float. Keeping more float only brings the model closer to
+    float, so the change is taken as falling with k: steps 0, 1, 2, 4 ... until one is within the budget,
+    then bisection between the last one over it and that one (about 2 log2(groups) whole-model passes
+    instead of one per group; keeping everything float, 0% by definition, ends it at the latest).
+    Returns the measured steps in order of k and the chosen k.
+    """
     order = sorted(sensitivity, key=lambda name: -sensitivity[name])
-    steps = []
-    for k in range(len(order) + 1):
-        change = score(mixed.use(order[:k])) if k < len(order) else 0.0  # all float is the reference itself
-        steps.append({"kept_float": k, "added": order[k - 1] if k else None, "perplexity_change_percent": change})
-        if change <= max_perplexity_change_percent:
-            break
-    return steps
+    n = len(order)
+    measured: dict[int, float] = {}
+
+    def change(k: int) -> float:
+        if k not in measured:  # all float is the reference itself
+            measured[k] = score(mixed.use(order[:k])) if k < n else 0.0
+        return measured[k]
+
+    # 1. Doubling until within the budget: `over` is the largest k known over it, `within` the smallest within.
+    over, within = -1, 0
+    while change(within) > max_perplexity_change_percent:
+        over, within = within, min(max(2 * within, 1), n)
+    # 2. Bisection between them.
+    while within - over > 1:
+        middle = (over + within) // 2
+        if change(middle) > max_perplexity_change_percent:
+            over = middle
+        else:
+            within = middle
+    steps = [{"kept_float": k, "added": order[k - 1] if k else None, "perplexity_change_percent": measured[k]}
+             for k in sorted(measured)]
+    return steps, within
 
 
 def search_keep_float(model: nn.Module, scheme: str, ids: torch.Tensor, window: int,
                       max_perplexity_change_percent: float, mixed: MixedPrecision | None = None) -> dict[str, Any]:
     """Scan and greedy search on calibration token ids (N,): which layers to keep float for the budget.
 
-    Returns groups, per_group_perplexity_change_percent (the scan), steps (the greedy search),
+    Returns groups, per_group_perplexity_change_percent (the scan), steps (the greedy steps measured),
     keep_float (layer names, most sensitive first), perplexity_change_percent (the whole model with
     them float), calibration_tokens and the seconds each phase took.
     """
@@ -135,15 +157,15 @@ def search_keep_float(model: nn.Module, scheme: str, ids: torch.Tensor, window: 
     sensitivity = scan(mixed, score)
     scanned = time.perf_counter()
     # 3. Most sensitive first, until the whole model is within the budget.
-    steps = greedy_keep_float(mixed, score, sensitivity, max_perplexity_change_percent)
+    steps, chosen = greedy_keep_float(mixed, score, sensitivity, max_perplexity_change_percent)
     order = sorted(sensitivity, key=lambda name: -sensitivity[name])
     return {
         "groups": len(mixed.names),
         "grouping": "one group per linear layer (each decoder layer's projections by kind, and the LM head)",
         "per_group_perplexity_change_percent": sensitivity,
         "steps": steps,
-        "keep_float": order[:steps[-1]["kept_float"]],
-        "perplexity_change_percent": steps[-1]["perplexity_change_percent"],
+        "keep_float": order[:chosen],
+        "perplexity_change_percent": next(s["perplexity_change_percent"] for s in steps if s["kept_float"] == chosen),
         "max_perplexity_change_percent": max_perplexity_change_percent,
         "calibration_tokens": score.tokens,
         "scan_seconds": scanned - started,
