@@ -106,7 +106,7 @@ def _bench_model(name: str, args: argparse.Namespace) -> bool:
     print(f"{'fp32':<18}{'torch':<52}{'1.00 (reference)':<24}{'1.00 (reference)':<24}{'':>11}{'':>9}{base_mb:>7.2f}")
     met = False
     for scheme, report in reports.items():
-        quality = _distribution_quality(model, variants[scheme], spec, max_tokens=2048)
+        quality = _distribution_quality(model, variants[scheme], prompts, spec.device, 2048)
         f, g = timings["forward"]["comparisons"][scheme], timings["generate"]["comparisons"][scheme]
         print(f"{scheme:<18}{report['library'][:50]:<52}{_ratio(f):<24}{_ratio(g):<24}"
               f"{quality['perplexity_change_percent']:>+10.2f}%{quality['next_token_kl_mean']:>9.4f}"

@@ -203,9 +203,10 @@ class Quantization(Technique):
         self._quantized = None
 
 
-def parse_keep_float(text: str) -> list[str]:
-    """The keep_float parameter as patterns: [] for '', ['auto'], or the comma list; bad lists raise one line."""
-    if not text.strip():
+def parse_keep_float(text: str | None) -> list[str]:
+    """The keep_float parameter as patterns: [] for '' (or None, an empty field), ['auto'], or the comma list;
+    bad lists raise one line."""
+    if text is None or not text.strip():
         return []
     patterns = [p.strip() for p in text.split(",")]
     if any(not p for p in patterns):
