@@ -24,6 +24,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Measure inference-acceleration techniques against their baseline, quality beside speed.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The offline tiny model zoo, trained on this machine.")
 app.add_typer(zoo_app, name="zoo")
+draft_app = typer.Typer(no_args_is_help=True, help="Draft models built here for a target, for speculative decoding.")
+app.add_typer(draft_app, name="draft")
 
 
 def _dump(value: Any) -> str:
@@ -108,6 +110,42 @@ def _zoo_line(record: Any) -> str:
     return (f"zoo:{record.name:<17} {record.kind:<10} {record.parameter_count:>11,} params  "
             f"{'quick' if record.quick else 'full '}  {record.steps:>5} steps  final loss {loss}  "
             f"{record.train_seconds:5.0f} s  {record.description}")
+
+
+@draft_app.command("build")
+def draft_build(
+    target: str = typer.Option(..., "--target", help="The causal LM to draft for: Hugging Face id, folder or zoo:NAME."),
+    layers: int = typer.Option(4, "--layers", help="The target's first K layers the draft keeps."),
+    steps: int = typer.Option(120, "--steps", help="Distillation steps (on 2 cores, 1-2 s each for K=2 of a 135M target when the machine is quiet)."),
+    workload: str = typer.Option("code-prompts", "--workload", "-w", help="Prompts of the domain (its first 16 are never trained on)."),
+    prompts: int = typer.Option(48, "--prompts", help="Training prompts the target continues (a quarter held out)."),
+    new_tokens: int = typer.Option(48, "--new-tokens", help="Greedy tokens the target writes after each prompt."),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="AdamW peak learning rate (warm-up, then cosine)."),
+    draft_vocab: Optional[int] = typer.Option(None, "--draft-vocab", help="Propose among the domain's N likeliest tokens (FR-Spec); 0: full vocabulary; default 4096 where the vocabulary is larger."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder to write (default: data/cache/drafts/...)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the cores other processes leave free)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Build a draft for --target by distillation on the workload's domain; print its folder for --draft."""
+    from workbench.models.draft import DraftRecipe, build_draft
+
+    recipe = DraftRecipe(layers=layers, steps=steps, prompts=prompts, new_tokens=new_tokens, draft_vocab=draft_vocab,
+                         learning_rate=learning_rate)
+    record = build_draft(target, recipe, workload=workload, out=out, progress=not quiet, threads=threads)
+    m = record.metrics
+    typer.echo(f"draft for {record.target}: {record.layers} of {record.target_layers} layers, "
+               f"{record.parameter_count:,} params, proposes among {record.draft_vocab_size:,} of "
+               f"{record.vocab_size:,} tokens; {record.steps} steps in {record.train_seconds:.0f} s")
+    typer.echo(f"held-out KL {m['heldout_kl_at_init']:.3f} -> {m['heldout_kl']:.3f} (train {m['train_kl']:.3f}); "
+               f"held-out greedy agreement {m['heldout_agreement_at_init']:.1%} -> {m['heldout_agreement']:.1%} "
+               f"(vocabulary covers {m['heldout_vocab_coverage']:.1%}); draft step {m['draft_step_ms']:.1f} ms = "
+               f"{m['draft_cost_ratio']:.3f} of a target step ({m['target_step_ms']:.1f} ms)")
+    needed = m.get("acceptance_needed_for_1.3x")
+    typer.echo(f"theory at 4 draft tokens, verification {m['verify_cost_ratio']:.2f} target steps: 1.3x needs "
+               + (f"acceptance >= {needed:.0%}" if needed is not None else "more than this draft can give (even 100%)"))
+    typer.echo(f"use it: workbench run --model {target} --technique speculative --draft {record.path} "
+               f"--workload {workload}")
+    typer.echo(record.path)
 
 
 @app.command("run")

@@ -74,19 +74,38 @@ class LoopStats:
 
 
 class ModelDrafter:
-    """A smaller causal LM of the same vocabulary, with its own KV cache."""
+    """A smaller causal LM of the same vocabulary, with its own KV cache.
+
+    With ``vocab`` (1-D ids, FR-Spec style) the draft scores only those tokens: its hidden state times
+    the matching rows of its LM head, a fraction of a full head's cost; proposals stay full-vocabulary
+    ids (and, when sampling, q is zero outside ``vocab``), so verification by the target is unchanged.
+    Only right for a bias-free linear LM head (what :mod:`workbench.models.draft` builds).
+    """
 
     source = "draft model"
 
-    def __init__(self, model: Any, confidence_threshold: float = 0.0) -> None:
+    def __init__(self, model: Any, confidence_threshold: float = 0.0, vocab: torch.Tensor | None = None,
+                 head_weight: torch.Tensor | None = None) -> None:
         self.model = model
         self.confidence_threshold = confidence_threshold  # stop drafting below this probability
         self.passes = 0
         self.cache: DynamicCache | None = None
+        self.vocab = None if vocab is None else vocab.to(model.device)  # (N,) proposable ids, None: all
+        # (V, H) full LM head to take rows from: the model's own unless given (a quantized copy's is packed)
+        full = head_weight if head_weight is not None or vocab is None else model.get_output_embeddings().weight
+        self.vocab_size = None if full is None else full.shape[0]
+        self.head = None if vocab is None else full.detach()[self.vocab].contiguous()  # (N, H)
 
     def reset(self) -> None:
         self.cache = DynamicCache()
         self.passes = 0
+
+    def _logits(self, feed: torch.Tensor) -> torch.Tensor:
+        """Next-token logits after ``feed`` (1, T): over the full vocabulary, or over ``vocab`` (N,)."""
+        if self.head is None:
+            return self.model(input_ids=feed, cache=self.cache, use_cache=True).logits[0, -1]
+        hidden = self.model.base_model(input_ids=feed, cache=self.cache, use_cache=True).last_hidden_state
+        return self.head @ hidden[0, -1]
 
     def propose(self, seq: torch.Tensor, k: int, sample: bool, temperature: float
                 ) -> tuple[list[int], torch.Tensor | None]:
@@ -95,15 +114,17 @@ class ModelDrafter:
         dists: list[torch.Tensor] = []
         feed = seq[:, _cached(self.cache):]  # everything the cache has not seen yet
         for _ in range(k):
-            logits = self.model(input_ids=feed, cache=self.cache, use_cache=True).logits[0, -1]
+            logits = self._logits(feed)
             self.passes += 1
             probs = torch.softmax(logits.float() / temperature, dim=-1) if sample else None
-            token = int(torch.multinomial(probs, 1)) if sample else int(logits.argmax())
+            pick = int(torch.multinomial(probs, 1)) if sample else int(logits.argmax())
+            token = pick if self.vocab is None else int(self.vocab[pick])
             tokens.append(token)
             if sample:
-                dists.append(probs)
+                dists.append(probs if self.vocab is None else
+                             torch.zeros(self.vocab_size, device=probs.device).index_copy_(0, self.vocab, probs))
             if self.confidence_threshold > 0:
-                confidence = probs[token] if sample else torch.softmax(logits.float(), dim=-1)[token]
+                confidence = probs[pick] if sample else torch.softmax(logits.float(), dim=-1)[pick]
                 if float(confidence) < self.confidence_threshold:
                     break
             feed = torch.tensor([[token]], device=seq.device)
@@ -311,6 +332,29 @@ def theoretical_speedup(acceptance_rate: float, draft_tokens: float, cost_ratio:
     if g < 0 or c < 0 or v <= 0:
         raise ValueError(f"draft_tokens={g!r} and cost_ratio={c!r} must be >= 0 and verify_cost_ratio={v!r} > 0")
     return expected_tokens_per_round(a, g) / (g * c + v)
+
+
+def required_acceptance(speedup: float, draft_tokens: float, cost_ratio: float,
+                        verify_cost_ratio: float = 1.0) -> float | None:
+    """The acceptance rate a at which :func:`theoretical_speedup` reaches ``speedup``; None if even a = 1
+    falls short (the draft or the verification pass costs too much for that speedup at this length).
+
+    Example:
+        >>> round(required_acceptance(1.3, 4, 0.05, verify_cost_ratio=1.71), 3)
+        0.641
+        >>> required_acceptance(3.0, 1, 0.5) is None  # at most 2 tokens per round for 1.5 steps
+        True
+    """
+    if theoretical_speedup(1.0, draft_tokens, cost_ratio, verify_cost_ratio) < speedup:
+        return None
+    low, high = 0.0, 1.0  # the speedup grows with a: bisect
+    for _ in range(60):
+        mid = (low + high) / 2
+        if theoretical_speedup(mid, draft_tokens, cost_ratio, verify_cost_ratio) < speedup:
+            low = mid
+        else:
+            high = mid
+    return high
 
 
 def expected_tokens_per_round(acceptance_rate: float, draft_tokens: float) -> float:

@@ -158,15 +158,20 @@ class Speculative(Technique):
                                 copy.deepcopy(draft.model.generation_config)))
         cfg = self.config
         self._draft_bytes = draft.info["model_bytes"] if draft is not None else 0
-        self._draft_quantization = None
+        self._draft_quantization, self._draft_vocab_size = None, None
         if cfg["draft_quantization"]:  # combined variant: the draft is a quantized copy (the original untouched)
             copy_, self._draft_quantization = quantize_copy(draft.model, cfg["draft_quantization"])
             draft = self._draft = dataclasses.replace(draft, model=copy_)
             self._draft_bytes = self._draft_quantization["bytes_after"]
         if cfg["implementation"] == "workbench":
             # 2a. Our loop: build the drafter once; its caches are reset per call.
-            if draft is not None:
-                self._drafter = ModelDrafter(draft.model, cfg["confidence_threshold"])
+            if draft is not None:  # a draft built by `workbench draft build` may propose among fewer tokens
+                from workbench.models.draft import draft_vocabulary
+
+                vocab = draft_vocabulary(draft.location)
+                head = None if vocab is None else trial.draft.model.get_output_embeddings().weight
+                self._drafter = ModelDrafter(draft.model, cfg["confidence_threshold"], vocab=vocab, head_weight=head)
+                self._draft_vocab_size = None if vocab is None else len(vocab)
             elif cfg["draft_layers"] is not None:
                 self._drafter = SelfDrafter(model.model, cfg["draft_layers"], cfg["confidence_threshold"])
                 self._draft_bytes = sum(p.numel() * p.element_size() for name, p in
@@ -277,6 +282,8 @@ class Speculative(Technique):
         }
         if self._draft_quantization:
             common["draft_quantization"] = self._draft_quantization
+        if self._draft_vocab_size:
+            common["draft_vocab_size"] = self._draft_vocab_size  # the draft proposes among these many tokens
         if cfg["implementation"] == "hf":
             accepted = tokens - target  # each target pass emits its accepted draft tokens plus one of its own
             return {"implementation": "transformers assisted generation", **common,
