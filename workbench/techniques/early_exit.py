@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
