@@ -41,7 +41,7 @@ import torch
 
 from workbench import quality, runner
 from workbench.display import format_speedup
-from workbench.measure import BASELINE, paired_speedup, run_interleaved, verdict_of
+from workbench.measure import BASELINE, paired_speedup, run_interleaved
 from workbench.models import zoo
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.store import Store
@@ -109,17 +109,17 @@ def line_for(case: Case, result: runner.RunResult) -> str:
     if result.status != "ok":
         return f"  {case.title:<58} {result.status}: {result.failure_reason}"
     comp = result.comparison
-    modality = "text" if case.model == SMOLLM2 else "classification"
+    modality = "text-generation" if case.model == SMOLLM2 else "text-classification"
     lossless = bool(result.report.get("lossless"))
     loss = quality.quality_loss(result.quality, modality, lossless)
     quality_words = "lossless (outputs identical)" if lossless else quality.loss_text(loss, modality)
     technique_variant = next((name for name in result.resources if name != BASELINE), None)
     roofline = (result.resources.get(technique_variant) or {}).get("roofline_fraction")
     roofline_text = "" if roofline is None else f", roofline {100 * roofline:.1f}%"
-    basis = " per token" if comp.get("basis") == "per_token" else ""
+    basis = " (per output token)" if comp.get("basis") == "time per output token" else ""
     noisy = "  [noisy machine]" if result.noisy else ""
     headline = result.report.get("headline") or ""
-    return (f"  {case.title:<58} {format_speedup(comp)}{basis} ({verdict_of(comp)}); {quality_words}"
+    return (f"  {case.title:<58} {format_speedup(comp)}{basis}; {quality_words}"
             f"{roofline_text}{noisy}\n  {'':<58} {headline}")
 
 
@@ -167,6 +167,18 @@ def harness_check(prompts: int, tokens: int, repeats: int) -> tuple[bool, str]:
     return ok, text
 
 
+def reprint(store: Store, args: argparse.Namespace) -> int:
+    """The lines of the latest stored run of every case (same settings, hence the same spec key)."""
+    for case in cases(args.draft, args.scan):
+        spec = spec_for(case, args.repeats, args.prompts, args.tokens, args.items)
+        found = store.runs(spec_key=spec.key(), columns=["run_id"])
+        if found.empty:
+            print(f"  {case.title:<58} not run yet")
+            continue
+        print(line_for(case, runner.RunResult.from_row(store.get(found["run_id"].iloc[-1]))))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("smollm2", "minilm"), help="run one model's cases")
@@ -178,6 +190,8 @@ def main() -> int:
     parser.add_argument("--store", default="sqlite:///data/bench-real-models.sqlite", help="where the runs are stored")
     parser.add_argument("--skip-harness-check", action="store_true")
     parser.add_argument("--scan", action="store_true", help="also int8 with keep_float=auto (~10 min more)")
+    parser.add_argument("--reprint", action="store_true",
+                        help="run nothing: print the lines again from the latest stored run of each case")
     args = parser.parse_args()
     built = {r.name for r in zoo.list_models()}
     missing = [name for name in ("smollm2-135m", "minilm-l6") if name not in built]
@@ -185,6 +199,8 @@ def main() -> int:
         print(f"not built here: {', '.join(missing)}: run `workbench zoo build {' '.join(missing)}` first")
         return 2
     store = Store(args.store)
+    if args.reprint:
+        return reprint(store, args)
     ok = True
     start_s = time.perf_counter()
     if args.only != "minilm" and not args.skip_harness_check:
