@@ -228,10 +228,10 @@ class ComparePanel:
     def stop(self) -> None:
         """Kill the worker of the run in flight; the run is shown as stopped and not stored."""
         self._stop_requested = True
-        with self._lock:
+        with self._lock:  # "stopping" first: the polling thread's "stopped ..." must come after it, never before
+            self.status.value = "stopping"
             if self.job is not None:
                 self.job.kill("stopped by the user")
-        self.status.value = "stopping"
 
     def _run_in_background(self, spec: Any) -> None:
         try:
