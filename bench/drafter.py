@@ -64,10 +64,7 @@ def main() -> int:
     torch.manual_seed(0)
     # torch threads as the runner picks them: the cores other processes leave free (2 threads beside a busy
     # core make a multi-token pass many times slower than a one-token step, and v meaningless)
-    busy = noise.probe(0.5)
-    available = noise.cores_available()
-    torch.set_num_threads(args.threads or noise.threads_for(available - (busy["others_cores"] if busy else 0.0),
-                                                            available))
+    torch.set_num_threads(args.threads or noise.free_threads(noise.probe(0.5))[0])
 
     # 1. One target, its drafts, one set of prompts for every variant.
     target = load_model(ModelSpec(args.model))

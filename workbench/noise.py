@@ -223,6 +223,14 @@ def threads_for(free_cores: float, available: int) -> int:
     return max(1, min(available, int(free_cores + 0.1)))
 
 
+def free_threads(busy: dict[str, Any] | None) -> tuple[int, int, float]:
+    """Torch threads from a :func:`probe` result (None: not measurable, nobody busy), with the cores
+    available to this process and the cores other processes kept busy: ``(threads, available, others)``."""
+    available = cores_available()
+    others = busy["others_cores"] if busy else 0.0
+    return threads_for(available - others, available), available, others
+
+
 def wait_for_quiet(max_wait_s: float, step_s: float = 1.0) -> dict[str, Any]:
     """Probe every ``step_s`` until others use less than :data:`NOISY_OTHERS_CORES`, for at most
     ``max_wait_s``; returns how long it waited, whether it became quiet, and the last probe."""

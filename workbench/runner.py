@@ -258,13 +258,11 @@ def execute(plan_: Plan, environment: dict[str, Any] | None = None, progress: bo
     waited = noise.wait_for_quiet(wait_quiet_s) if wait_quiet_s > 0 else None
     monitor = noise.NoiseMonitor(device=spec.device)
     before = monitor.start()
-    available = noise.cores_available()
     if spec.threads:
         torch.set_num_threads(spec.threads)  # before the fingerprint, which records the threads used
         chosen = {"threads": spec.threads, "why": "set by the spec"}
     else:
-        others = before["others_cores"] if before else 0.0
-        threads = noise.threads_for(available - others, available)
+        threads, available, others = noise.free_threads(before)
         torch.set_num_threads(threads)
         chosen = {"threads": threads, "why": f"{available} cores available to this process, other processes "
                                              f"busy on {others:.2f} of them"}

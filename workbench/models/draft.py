@@ -248,9 +248,7 @@ def _set_threads(threads: int | None) -> int:
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise DraftError(f"threads={threads!r} is invalid: use a positive integer, or leave it unset")
     if threads is None:
-        busy = noise.probe(0.5)
-        available = noise.cores_available()
-        threads = noise.threads_for(available - (busy["others_cores"] if busy else 0.0), available)
+        threads = noise.free_threads(noise.probe(0.5))[0]
     torch.set_num_threads(threads)
     return threads
 
