@@ -1,18 +1,28 @@
-"""Measure the seed dataset: real runs of every technique over the zoo and a spread of settings.
+"""Measure the seed dataset: real runs of every technique over the zoo, the real pretrained models and
+the hardware configurations this machine can honestly provide (1 and 2 torch threads, float32 and bfloat16,
+batch sizes).
 
-Every row comes from :func:`workbench.sweep.run_sweep` on this machine (one worker per run, as `workbench sweep`) (its fingerprint is stored in
-each row); nothing is simulated or edited. Runs that cannot apply (e.g. a GPU-only scheme here, early
-exit on a 1-layer model) are stored as *skipped* with their reason: they are facts too.
+Every row comes from :func:`workbench.sweep.run_sweep`, the isolated path `workbench sweep` takes (one
+worker process per run, planned in full first); its machine fingerprint and contention record are
+stored in each row, and nothing is simulated or edited. Runs that cannot apply (speculative decoding at
+batch 4, early exit on a 1-layer model) are stored as *skipped* with their reason: they are facts too.
 
-The zoo's seed siblings (``code-tall``, ``code-mid``, ``code-classifier-deep``: ``zoo.EXTRA_NAMES``) are
-built first if missing, so that leaving one model out still leaves a similar one to learn from. Two
-extra workloads are written first (JSONL, from held-out stdlib files) so that workloads differ in
-ways that matter: ``repetitive-code`` (long prompts whose continuation repeats earlier text: prompt
-lookup's best case) and ``short-prompts`` (function signatures only).
+Models: the offline zoo's LMs (``code-target``, ``code-wide``, ``code-draft``) and classifier, their
+seed siblings (``code-tall``, ``code-mid``, ``code-classifier-deep``: ``zoo.EXTRA_NAMES``, built first
+if missing, so that leaving one model out still leaves a similar one), ``digits-diffusion``, and the
+real pretrained SmolLM2-135M and MiniLM-L6 (``make zoo-real``) with a 2-layer SmolLM2 draft built here
+(``DRAFT_COMMAND``). Two extra workloads are written first (JSONL, from held-out stdlib files):
+``repetitive-code`` (long prompts whose continuation repeats earlier text: prompt lookup's best case)
+and ``short-prompts`` (function signatures only).
 
-Run: ``python scripts/make_seed.py --store sqlite:///data/seed/seed.sqlite [--only lm,classifier,diffusion]``
-then ``workbench export --store ... --out data/seed/runs.parquet``. It resumes (skips specs
-already stored ok or skipped) when rerun. About 45 minutes on 2 cores, plus 10 for the siblings.
+Run, in two sittings (``--threads 1`` can share the machine with one-core work pinned elsewhere;
+``--threads 2`` needs it alone)::
+
+    taskset -c 0 python scripts/make_seed.py --store sqlite:///data/seed/seed.sqlite --threads 1
+    python scripts/make_seed.py --store sqlite:///data/seed/seed.sqlite --threads 2
+    workbench export --store sqlite:///data/seed/seed.sqlite --out data/seed/runs.parquet
+
+It resumes (skips specs already stored ok or skipped) when rerun; ``--list`` prints what is left.
 """
 
 from __future__ import annotations
@@ -25,12 +35,17 @@ from pathlib import Path
 
 from workbench import datasets
 from workbench.models import zoo
-from workbench.sweep import run_sweep
+from workbench.sweep import describe, run_sweep, sweep_of
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOAD_DIR = ROOT / "data" / "seed" / "workloads"
+SEED_LABEL = "seed-2026-12"  # stored as the label "sweep" on every row
+REAL_LM, REAL_ENCODER = "zoo:smollm2-135m", "zoo:minilm-l6"  # `make zoo-real`
+REAL_DRAFT = "zoo:smollm2-draft-2l"  # a 2-layer draft of SmolLM2 built here (DRAFT_COMMAND)
+DRAFT_COMMAND = ("workbench draft build --target zoo:smollm2-135m --layers 2 --steps 80 --prompts 32 "
+                 "--new-tokens 32 --learning-rate 3e-4 --out data/zoo/smollm2-draft-2l")
 
 
 def write_workloads() -> dict[str, str]:
@@ -64,101 +79,86 @@ def write_workloads() -> dict[str, str]:
 
 
 def lm_specs(extra: dict[str, str]) -> list[RunSpec]:
-    """Causal-LM runs: five models, four workloads (not every pair), one torch thread.
-
-    One thread per run: on a 2-core machine shared with other jobs, two-thread runs stall when the
-    cores are oversubscribed (measured: p90 latency 20x the median), which would make the seed noise.
-    """
+    """Causal-LM runs: the five zoo LMs and SmolLM2-135M, three workloads, 1 and 2 threads, a bfloat16
+    context, a batch of 4 (where speculative decoding and early exit refuse: stored as skipped facts)."""
     specs = []
-    short = WorkloadSpec("code-prompts", max_items=6, max_new_tokens=32)
-    workloads = {
-        "zoo:code-target": [short, WorkloadSpec("code-prompts", max_items=6, max_new_tokens=64),
-                            WorkloadSpec(extra["repetitive-code"], max_items=6, max_new_tokens=32),
-                            WorkloadSpec(extra["short-prompts"], max_items=6, max_new_tokens=32)],
-        "zoo:code-wide": [short, WorkloadSpec(extra["repetitive-code"], max_items=6, max_new_tokens=32),
-                          WorkloadSpec(extra["short-prompts"], max_items=6, max_new_tokens=32)],
-        "zoo:code-draft": [short, WorkloadSpec(extra["repetitive-code"], max_items=6, max_new_tokens=32),
-                           WorkloadSpec(extra["short-prompts"], max_items=6, max_new_tokens=32)],
-    }
-    for sibling in ("zoo:code-tall", "zoo:code-mid"):  # the seed siblings (zoo.EXTRA_NAMES)
-        workloads[sibling] = [short, WorkloadSpec(extra["repetitive-code"], max_items=6, max_new_tokens=32),
-                              WorkloadSpec(extra["short-prompts"], max_items=6, max_new_tokens=32)]
-    draft = ModelSpec("zoo:code-draft")
+
+    def workload(name: str, tokens: int = 32, items: int = 6, batch: int = 1) -> WorkloadSpec:
+        return WorkloadSpec(name, max_items=items, max_new_tokens=tokens, batch_size=batch)
+
+    prompts, repetitive, short = "code-prompts", extra["repetitive-code"], extra["short-prompts"]
     layers = {"zoo:code-target": 24, "zoo:code-wide": 2, "zoo:code-draft": 1, "zoo:code-tall": 12, "zoo:code-mid": 4}
 
     def core(model: str) -> list[TechniqueSpec]:
-        """Prompt lookup, int8 and bf16 everywhere; a draft model and self-speculation for targets."""
+        """Prompt lookup, int8 and bf16 everywhere; a draft model and self-speculation for the zoo targets."""
         techniques = [TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 3}),
                       TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 6}),
                       TechniqueSpec("quantization", {"scheme": "int8-dynamic"}),
                       TechniqueSpec("quantization", {"scheme": "bf16"})]
-        if model != "zoo:code-draft":
-            techniques += [TechniqueSpec("speculative", {"num_assistant_tokens": 2}, draft),
-                           TechniqueSpec("speculative", {"num_assistant_tokens": 4}, draft),
+        if model == REAL_LM:
+            techniques.append(TechniqueSpec("speculative", {"num_assistant_tokens": 4}, ModelSpec(REAL_DRAFT)))
+        elif model != "zoo:code-draft":
+            techniques += [TechniqueSpec("speculative", {"num_assistant_tokens": 4}, ModelSpec("zoo:code-draft")),
                            TechniqueSpec("speculative", {"draft_layers": max(1, layers[model] // 4)})]
         return techniques
 
-    for model, model_workloads in workloads.items():
-        for w_index, workload in enumerate(model_workloads):
-            techniques = core(model)
-            if w_index == 0 and model in ("zoo:code-tall", "zoo:code-mid"):
-                techniques.append(TechniqueSpec("early_exit", {}))
-            elif w_index == 0:
-                techniques += [TechniqueSpec("quantization", {"scheme": "fp16"}),
-                               TechniqueSpec("early_exit", {}),
-                               TechniqueSpec("quantization", {"scheme": "bnb-int8"})]
-                if model != "zoo:code-draft":
-                    techniques.append(TechniqueSpec("speculative", {"implementation": "hf",
-                                                                    "num_assistant_tokens": 4}, draft))
-                if model == "zoo:code-target":
-                    techniques.append(TechniqueSpec("speculative", {"num_assistant_tokens": 4,
-                                                                    "draft_quantization": "int8-dynamic"}, draft))
-            for technique in techniques:
-                specs.append(RunSpec(ModelSpec(model), workload, technique, repeats=3, threads=1))
-    # Two threads on code-target: a first attempt (repeats=3) ran while other jobs shared the cores and
-    # stalled (one interval spans 1.6x-8.9x); measured again with 5 repeats on a quiet machine. Both are
-    # kept; the feature table pools them by precision (features.training_table).
-    for technique in (TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 3}),
-                      TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 6}),
-                      TechniqueSpec("quantization", {"scheme": "int8-dynamic"}),
-                      TechniqueSpec("quantization", {"scheme": "bf16"}),
-                      TechniqueSpec("speculative", {"num_assistant_tokens": 2}, draft),
-                      TechniqueSpec("speculative", {"num_assistant_tokens": 4}, draft)):
-        specs.append(RunSpec(ModelSpec("zoo:code-target"), short, technique, repeats=5, threads=2))
-    # Second round, on a quiet machine: two threads for the other four LMs, 64 new tokens for three.
-    for model in ("zoo:code-wide", "zoo:code-draft", "zoo:code-tall", "zoo:code-mid"):
-        specs += [RunSpec(ModelSpec(model), short, t, repeats=3, threads=2) for t in core(model)]
-    for model in ("zoo:code-wide", "zoo:code-tall", "zoo:code-mid"):
-        specs += [RunSpec(ModelSpec(model), WorkloadSpec("code-prompts", max_items=6, max_new_tokens=64), t,
-                          repeats=3, threads=1) for t in core(model)]
+    # 1. The zoo LMs: three workloads at one thread, code-prompts at two; early exit once per model.
+    for model in layers:
+        for w in (prompts, repetitive, short):
+            specs += [RunSpec(ModelSpec(model), workload(w), t, repeats=3, threads=1) for t in core(model)]
+        specs += [RunSpec(ModelSpec(model), workload(prompts), t, repeats=3, threads=2) for t in core(model)]
+        specs.append(RunSpec(ModelSpec(model), workload(prompts), TechniqueSpec("early_exit", {}), repeats=3,
+                             threads=1))
+    # 2. SmolLM2-135M (real pretrained weights, Llama architecture): 4 prompts per run (about 1-3 minutes each).
+    #    bf16 only at two threads, prompt lookup alone on the short prompts (nothing in them repeats).
+    for w, threads in ((prompts, 1), (repetitive, 1), (prompts, 2), (repetitive, 2), (short, 2)):
+        techniques = [t for t in core(REAL_LM) if threads == 2 or t.param_dict.get("scheme") != "bf16"]
+        if w == short:
+            techniques = techniques[:1]
+        specs += [RunSpec(ModelSpec(REAL_LM), workload(w, items=4), t, repeats=3, threads=threads) for t in techniques]
+    specs.append(RunSpec(ModelSpec(REAL_LM), workload(prompts, items=4), TechniqueSpec("early_exit", {}), repeats=3,
+                         threads=2))
+    # 3. Another number format as a hardware configuration: the models run in bfloat16 (lossless techniques).
+    for model, draft in (("zoo:code-target", "zoo:code-draft"), ("zoo:code-wide", "zoo:code-draft"),
+                         (REAL_LM, REAL_DRAFT)):
+        items = 4 if model == REAL_LM else 6
+        for t in (TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 3}),
+                  TechniqueSpec("speculative", {"num_assistant_tokens": 4}, ModelSpec(draft))):
+            specs.append(RunSpec(ModelSpec(model), workload(prompts, items=items), t, dtype="bfloat16", repeats=3,
+                                 threads=2))
+    # 4. A batch of 4 prompts: quantization applies, speculative decoding refuses (a skipped fact).
+    for model in ("zoo:code-target", "zoo:code-tall", REAL_LM):
+        for t in (TechniqueSpec("quantization", {"scheme": "int8-dynamic"}),
+                  TechniqueSpec("quantization", {"scheme": "bf16"}),
+                  TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 3}))[:1 if model == REAL_LM else 3]:
+            specs.append(RunSpec(ModelSpec(model), workload(prompts, items=8, batch=4), t, repeats=3, threads=2))
     return specs
 
 
 def classifier_specs() -> list[RunSpec]:
-    """Both classifiers at batch 1 and 16, with 1 and 2 threads."""
+    """The zoo classifiers and MiniLM-L6 (real pretrained encoder), at batch 1 and 16, with 1 and 2 threads."""
     specs = []
     for batch in (1, 16):
         workload = WorkloadSpec("code-snippets", max_items=64 if batch == 16 else 24, batch_size=batch)
         for threads in (1, 2):
-            for technique in (TechniqueSpec("early_exit", {}), TechniqueSpec("early_exit", {"policy": "patience",
-                                                                                          "patience": 2}),
+            for model in ("zoo:code-classifier", "zoo:code-classifier-deep", REAL_ENCODER):
+                techniques = [TechniqueSpec("early_exit", {}),
+                              TechniqueSpec("early_exit", {"policy": "patience", "patience": 2}),
                               TechniqueSpec("quantization", {"scheme": "int8-dynamic"}),
-                              TechniqueSpec("quantization", {"scheme": "bf16"}),
-                              TechniqueSpec("early_exit", {"quantization": "int8-dynamic"})):
-                specs.append(RunSpec(ModelSpec("zoo:code-classifier"), workload, technique, repeats=3,
-                                     threads=threads))
-                specs.append(RunSpec(ModelSpec("zoo:code-classifier-deep"), workload, technique, repeats=3,
-                                     threads=threads))
+                              TechniqueSpec("early_exit", {"quantization": "int8-dynamic"})]
+                if model != REAL_ENCODER or (threads == 2 and batch == 16):  # bf16 MiniLM: minutes per run
+                    techniques.append(TechniqueSpec("quantization", {"scheme": "bf16"}))
+                specs += [RunSpec(ModelSpec(model), workload, t, repeats=3, threads=threads) for t in techniques]
     return specs
 
 
 def diffusion_specs() -> list[RunSpec]:
     specs = []
     for steps in (20, 50):
-        workload = WorkloadSpec("digits", max_items=10, num_inference_steps=steps)
+        workload = WorkloadSpec("digits", max_items=8, num_inference_steps=steps)
         for technique in (TechniqueSpec("adaptive_steps", {"policy": "predictor"}),
                           TechniqueSpec("adaptive_steps", {"policy": "convergence"}),
-                          TechniqueSpec("quantization", {"scheme": "int8-dynamic"})):
+                          TechniqueSpec("quantization", {"scheme": "int8-dynamic"}))[:3 if steps == 20 else 1]:
             specs.append(RunSpec(ModelSpec("zoo:digits-diffusion"), workload, technique, repeats=2, threads=2))
     return specs
 
@@ -167,21 +167,41 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True)
     parser.add_argument("--only", default="lm,classifier,diffusion")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="only the runs with this many torch threads (to measure in sittings)")
+    parser.add_argument("--list", action="store_true", help="print the runs still to do, and stop")
     args = parser.parse_args()
     store = Store(args.store)
-    zoo.build(names=list(zoo.EXTRA_NAMES))  # the seed siblings (the default zoo is built by `make demo`)
+    missing = [name for name in (REAL_LM, REAL_ENCODER, REAL_DRAFT) if not _built(name)]
+    if missing and not args.list:
+        print(f"missing {', '.join(missing)}: run `make zoo-real` and `{DRAFT_COMMAND}` first", file=sys.stderr)
+        return 2
+    if not args.list:
+        zoo.build(names=list(zoo.EXTRA_NAMES))  # the seed siblings (the default zoo is built by `make demo`)
     extra = write_workloads()
     groups = {"lm": lambda: lm_specs(extra), "classifier": classifier_specs, "diffusion": diffusion_specs}
     specs = [s for g in args.only.split(",") for s in groups[g.strip()]()]
-    # Cheap and varied first, so a partial run still covers every model and technique.
-    specs.sort(key=lambda s: (s.model.name.startswith("zoo:code-") and s.model.name != "zoo:code-classifier",
-                              s.workload.name != "code-prompts", s.workload.max_new_tokens, s.threads != 2))
+    if args.threads is not None:
+        specs = [s for s in specs if s.threads == args.threads]
+    # Cheap and varied first, so a partial run still covers every model and technique; the real models last.
+    specs.sort(key=lambda s: (s.model.name in (REAL_LM, REAL_ENCODER), s.model.name.startswith("zoo:code-")
+                              and s.model.name != "zoo:code-classifier", s.workload.name != "code-prompts"))
     skipped = set(store.runs(status="skipped").get("spec_key", []))  # facts already; rerunning repeats them
     todo = [s for s in specs if not store.has_ok_run(s.key()) and s.key() not in skipped]
-    print(f"{len(specs)} specs, {len(specs) - len(todo)} already stored ok, running {len(todo)}", flush=True)
-    outcome = run_sweep(todo, store, progress=True)
+    print(f"{len(specs)} specs, {len(specs) - len(todo)} already stored ok or skipped, running {len(todo)}", flush=True)
+    if args.list:
+        for spec in todo:
+            print(f"  {describe(spec)}")
+        return 0
+    outcome = run_sweep(sweep_of(todo, name=SEED_LABEL, timeout_per_run_s=1800), store, progress=True)
     print({"ok": outcome.ok, "failed": outcome.failed, "skipped": outcome.skipped})
     return 130 if outcome.interrupted else 0
+
+
+def _built(name: str) -> bool:
+    from workbench import paths
+
+    return (paths.zoo_dir() / name.removeprefix("zoo:") / "config.json").is_file()
 
 
 if __name__ == "__main__":
