@@ -33,7 +33,7 @@ import random
 import sys
 from pathlib import Path
 
-from workbench import datasets
+from workbench import datasets, paths
 from workbench.models import zoo
 from workbench.sweep import describe, run_sweep, sweep_of
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKLOAD_DIR = ROOT / "data" / "seed" / "workloads"
 SEED_LABEL = "seed-2026-12"  # stored as the label "sweep" on every row
 REAL_LM, REAL_ENCODER = "zoo:smollm2-135m", "zoo:minilm-l6"  # `make zoo-real`
-REAL_DRAFT = "zoo:smollm2-draft-2l"  # a 2-layer draft of SmolLM2 built here (DRAFT_COMMAND)
+REAL_DRAFT = str(paths.data_dir() / "drafts" / "smollm2-2l")  # a 2-layer SmolLM2 draft built here (DRAFT_COMMAND)
 DRAFT_COMMAND = ("workbench draft build --target zoo:smollm2-135m --layers 2 --steps 80 --prompts 32 "
-                 "--new-tokens 32 --learning-rate 3e-4 --out data/zoo/smollm2-draft-2l")
+                 f"--new-tokens 32 --learning-rate 3e-4 --out {REAL_DRAFT}")
 
 
 def write_workloads() -> dict[str, str]:
@@ -199,9 +199,8 @@ def main() -> int:
 
 
 def _built(name: str) -> bool:
-    from workbench import paths
-
-    return (paths.zoo_dir() / name.removeprefix("zoo:") / "config.json").is_file()
+    folder = paths.zoo_dir() / name.removeprefix("zoo:") if name.startswith("zoo:") else Path(name)
+    return (folder / "config.json").is_file()
 
 
 if __name__ == "__main__":
