@@ -111,26 +111,23 @@ def lm_specs(extra: dict[str, str]) -> list[RunSpec]:
                              threads=1))
     # 2. SmolLM2-135M (real pretrained weights, Llama architecture): 4 prompts per run (about 1-3 minutes each).
     #    bf16 only at two threads, prompt lookup alone on the short prompts (nothing in them repeats).
-    for w, threads in ((prompts, 1), (repetitive, 1), (prompts, 2), (repetitive, 2), (short, 2)):
+    for w, threads in ((prompts, 1), (repetitive, 1), (prompts, 2), (repetitive, 2)):
         techniques = [t for t in core(REAL_LM) if threads == 2 or t.param_dict.get("scheme") != "bf16"]
-        if w == short:
-            techniques = techniques[:1]
+        if (w, threads) == (repetitive, 2):  # prompt lookup and the draft: what the repetition changes
+            techniques = [t for t in techniques if t.name == "speculative"]
         specs += [RunSpec(ModelSpec(REAL_LM), workload(w, items=4), t, repeats=3, threads=threads) for t in techniques]
-    specs.append(RunSpec(ModelSpec(REAL_LM), workload(prompts, items=4), TechniqueSpec("early_exit", {}), repeats=3,
-                         threads=2))
     # 3. Another number format as a hardware configuration: the models run in bfloat16 (lossless techniques).
-    for model, draft in (("zoo:code-target", "zoo:code-draft"), ("zoo:code-wide", "zoo:code-draft"),
-                         (REAL_LM, REAL_DRAFT)):
+    for model, draft in (("zoo:code-target", "zoo:code-draft"), ("zoo:code-wide", "zoo:code-draft")):
         items = 4 if model == REAL_LM else 6
         for t in (TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 3}),
                   TechniqueSpec("speculative", {"num_assistant_tokens": 4}, ModelSpec(draft))):
             specs.append(RunSpec(ModelSpec(model), workload(prompts, items=items), t, dtype="bfloat16", repeats=3,
                                  threads=2))
     # 4. A batch of 4 prompts: quantization applies, speculative decoding refuses (a skipped fact).
-    for model in ("zoo:code-target", "zoo:code-tall", REAL_LM):
+    for model in ("zoo:code-target", "zoo:code-tall"):
         for t in (TechniqueSpec("quantization", {"scheme": "int8-dynamic"}),
                   TechniqueSpec("quantization", {"scheme": "bf16"}),
-                  TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 3}))[:1 if model == REAL_LM else 3]:
+                  TechniqueSpec("speculative", {"prompt_lookup_num_tokens": 3})):
             specs.append(RunSpec(ModelSpec(model), workload(prompts, items=8, batch=4), t, repeats=3, threads=2))
     return specs
 
@@ -169,6 +166,9 @@ def main() -> int:
     parser.add_argument("--only", default="lm,classifier,diffusion")
     parser.add_argument("--threads", type=int, default=None,
                         help="only the runs with this many torch threads (to measure in sittings)")
+    parser.add_argument("--models", choices=("all", "zoo", "real"), default="all",
+                        help="only the zoo's models or only the real pretrained ones (two sittings side by side, "
+                             "each pinned to its own core with taskset, at --threads 1)")
     parser.add_argument("--list", action="store_true", help="print the runs still to do, and stop")
     args = parser.parse_args()
     store = Store(args.store)
@@ -183,6 +183,9 @@ def main() -> int:
     specs = [s for g in args.only.split(",") for s in groups[g.strip()]()]
     if args.threads is not None:
         specs = [s for s in specs if s.threads == args.threads]
+    if args.models != "all":
+        real = {REAL_LM, REAL_ENCODER}
+        specs = [s for s in specs if (s.model.name in real) == (args.models == "real")]
     # Cheap and varied first, so a partial run still covers every model and technique; the real models last.
     specs.sort(key=lambda s: (s.model.name in (REAL_LM, REAL_ENCODER), s.model.name.startswith("zoo:code-")
                               and s.model.name != "zoo:code-classifier", s.workload.name != "code-prompts"))
