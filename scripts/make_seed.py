@@ -111,7 +111,7 @@ def lm_specs(extra: dict[str, str]) -> list[RunSpec]:
                              threads=1))
     # 2. SmolLM2-135M (real pretrained weights, Llama architecture): 4 prompts per run (about 1-3 minutes each).
     #    bf16 only at two threads, prompt lookup alone on the short prompts (nothing in them repeats).
-    for w, threads in ((prompts, 1), (repetitive, 1), (prompts, 2), (repetitive, 2)):
+    for w, threads in ((prompts, 1), (prompts, 2), (repetitive, 2)):
         techniques = [t for t in core(REAL_LM) if threads == 2 or t.param_dict.get("scheme") != "bf16"]
         if (w, threads) == (repetitive, 2):  # prompt lookup and the draft: what the repetition changes
             techniques = [t for t in techniques if t.name == "speculative"]
