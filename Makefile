@@ -37,7 +37,10 @@ demo: zoo zoo-real
 	$(BIN)/workbench report --since 1d --out reports/demo.html
 	$(BIN)/workbench import data/seed/runs.parquet --store sqlite:///data/seed-runs.sqlite
 	$(BIN)/workbench learn --store sqlite:///data/seed-runs.sqlite
-	$(BIN)/workbench recommend --model zoo:code-wide --workload code-prompts --budget lossless
+	$(BIN)/workbench recommend --model zoo:code-wide --workload code-prompts --budget lossless \
+		--learner-path data/seed-runs.learner.skops
+	$(BIN)/workbench recommend --model zoo:smollm2-135m --workload code-prompts --max-items 4 \
+		--learner-path data/seed-runs.learner.skops --plan data/next-runs.yaml
 
 # Two pytest-xdist workers, whole files per worker (module fixtures built once); TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2

@@ -39,6 +39,7 @@ def meta_store(quick_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> str
         _spec("zoo:code-target", "code-prompts", "quantization"),
         _spec("zoo:code-target", "code-prompts", "speculative", {"prompt_lookup_num_tokens": 3}),
         _spec("zoo:code-target", "code-prompts", "speculative", draft="zoo:code-draft"),
+        _spec("zoo:code-target", "code-prompts", "early_exit"),
         _spec("zoo:code-classifier", "code-snippets", "quantization"),
     ):
         result = runner.run(spec, store=store, progress=False)
@@ -55,10 +56,11 @@ def runs(meta_store: str) -> pd.DataFrame:
 
 def test_features_follow_the_schema(runs: pd.DataFrame) -> None:
     table = features.run_features(runs)
-    assert len(table) == 4
+    assert len(table) == 5
     assert set(features.FEATURE_NAMES) <= set(table.columns)
     assert set(table["configuration"]) == {"quantization", "speculative[prompt_lookup_num_tokens=3]",
-                                           "speculative[draft=zoo:code-draft]"}
+                                           "speculative[draft=zoo:code-draft]", "early_exit"}
+    assert (table["baseline_seconds"] > 0).all() and (table["work_units"] > 0).all()  # what a run cost
     speculative = table[table["technique"] == "speculative"]
     assert speculative["lossless"].all() and not table[table["technique"] == "quantization"]["lossless"].any()
     drafted = speculative[speculative["configuration"].str.contains("draft=")]
@@ -139,7 +141,14 @@ def test_learn_command_prints_the_table(meta_store: str, tmp_path: Path, cli_env
     assert "leave-one-group-out" in text and "top1_accuracy" in text and "expert_rules" in text
     assert "only one machine" in text and "anchor (not measured here)" in text
     assert "does not beat every baseline" in text or "beats every baseline" in text
+    assert "gap_closed" in text and "interval_coverage" in text
+    assert "leaving one model out: meta-learner (boosting)" in text  # the gap closed, in words
     assert out.is_file()
+    default = subprocess.run([*workbench_cmd, "learn", "--store", meta_store], env=cli_env, capture_output=True,
+                             text=True, timeout=300)
+    assert default.returncode == 0, default.stderr
+    beside = Path(meta_store.removeprefix("sqlite:///")).with_name("runs.learner.skops")
+    assert beside.is_file() and str(beside) in default.stdout  # beside the store it learned from
 
 
 def test_learn_on_an_empty_store_says_what_to_do(tmp_path: Path, cli_env: dict, workbench_cmd: list) -> None:
@@ -178,16 +187,16 @@ def test_lossless_budget_never_picks_a_lossy_technique(runs: pd.DataFrame, kind:
     contexts += [row for row in learner.training_table_.drop_duplicates("context").to_dict(orient="records")]
     for context in contexts:
         for min_speedup in (1.0, 0.0):  # 0.0: no fallback for lack of confidence, so a candidate is chosen
-            result = recommend(learner, context, "lossless", min_speedup=min_speedup)
+            result = recommend(learner, context, "lossless", min_speedup=min_speedup, min_low=min_speedup)
             if result.configuration == "baseline":
                 continue
             technique = result.configuration.split("[")[0]
             assert features.is_lossless(technique, {}) and technique == "speculative", result.configuration
             assert measured[result.configuration] == 0.0  # identical outputs where it was measured
-    unseen = recommend(learner, contexts[0], "lossless", min_speedup=0.0)
+    unseen = recommend(learner, contexts[0], "lossless", min_speedup=0.0, min_low=0.0)
     assert unseen.configuration.startswith("speculative")
-    assert "quantization" in set(recommend(learner, contexts[0], "any", min_speedup=0.0).candidates["configuration"])
-    candidates = recommend(learner, contexts[0], "perplexity<=2%", min_speedup=0.0).candidates
+    assert "quantization" in set(recommend(learner, contexts[0], "any", min_speedup=0.0, min_low=0.0).candidates["configuration"])
+    candidates = recommend(learner, contexts[0], "perplexity<=2%", min_speedup=0.0, min_low=0.0).candidates
     assert (candidates.loc[candidates["lossless"], "predicted_quality_loss"] == 0).all()  # lossless loses nothing
     assert set(candidates["modality"]) == {contexts[0]["modality"]}  # every loss carries its unit
 
@@ -275,27 +284,34 @@ def test_prior_is_the_shrunk_configuration_mean(runs: pd.DataFrame) -> None:
         MetaLearner(prior="mean").fit(table, y)
 
 
-def test_seed_learner_beats_every_baseline_on_regret(tmp_path: Path, cli_env: dict, workbench_cmd: list) -> None:
-    """The issue's acceptance on the shipped seed data: import it, `workbench learn`, read the verdicts."""
+def test_seed_learner_reports_the_gap_it_closes(tmp_path: Path, cli_env: dict, workbench_cmd: list) -> None:
+    """The issue's acceptance on the shipped seed: import it, `workbench learn`; the gap closed is printed
+    per grouping, and each verdict says plainly whether it meets the 70% target or by how much it falls short."""
+    import re
+
     seed = Path(__file__).resolve().parents[1] / "data" / "seed" / "runs.parquet"
     store = f"sqlite:///{tmp_path / 'seed.sqlite'}"
     imported = subprocess.run([*workbench_cmd, "import", str(seed), "--store", store], env=cli_env,
                               capture_output=True, text=True, timeout=300)
     assert imported.returncode == 0, imported.stderr
-    done = subprocess.run([*workbench_cmd, "learn", "--store", store, "--out", str(tmp_path / "l.skops")],
-                          env=cli_env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*workbench_cmd, "learn", "--store", store], env=cli_env, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr
-    verdicts = [line for line in done.stdout.splitlines() if " regret " in line and "by " in line]
-    assert {line.split(":")[0].strip(" -") for line in verdicts} == {"by model", "by workload"}
-    boosting = {line.split(":")[0].strip(" -"): line for line in verdicts if "(boosting)" in line}
-    assert "beats every baseline" in boosting["by workload"], done.stdout
-    # Leaving one model out: since budgets are in each modality's unit (perplexity<=2% lets int8 on wide
-    # LMs in, where token-agreement "points" kept it out), the best choice for zoo:code-wide is int8 at
-    # 2.3x, and with code-wide left out only code-mid shows the learner what width buys. The learner then
-    # loses to best_on_average by about 0.01 regret. A known gap (the meta-learner issue), asserted so that
-    # a fix shows up here.
-    if "beats every baseline" not in boosting["by model"]:
-        pytest.xfail(f"known gap, leave-one-model-out: {boosting['by model'].strip()}")
+    assert (tmp_path / "seed.learner.skops").is_file()  # beside the store it learned from, not in the checkout
+    verdicts = {m.group(1): (float(m.group(2)), m.group(3)) for m in re.finditer(
+        r"leaving one (model|workload|hardware) out: meta-learner \(boosting\) closes (-?\d+)% of the "
+        r"single-best-to-oracle gap, (meets the 70% target|falls short of the 70% target by \d+ points)", done.stdout)}
+    assert set(verdicts) == {"model", "workload", "hardware"}, done.stdout
+    for grouping, (percent, verdict) in verdicts.items():
+        if percent >= 70:
+            assert verdict.startswith("meets"), grouping
+        else:
+            short = int(re.search(r"by (\d+) points", verdict).group(1))
+            assert abs(short - (70 - percent)) <= 1, (grouping, percent, verdict)
+    assert "leaving one machine out: meta-learner (boosting) gap closed n/a" in done.stdout  # one machine only
+    table = done.stdout.split("gap closed (ASlib")[0]
+    coverage = [float(x) for x in re.findall(r"meta-learner \(boosting\)\s+(?:\S+\s+){5}(\d\.\d{3})", table)]
+    assert len(coverage) == 3 and all(0.0 <= c <= 1.0 for c in coverage), table
 
 
 def test_pooling_weights_runs_by_their_precision(runs: pd.DataFrame) -> None:
@@ -305,3 +321,161 @@ def test_pooling_weights_runs_by_their_precision(runs: pd.DataFrame) -> None:
     assert features.pool_log_speedups([0.1, 0.2, 0.9], [np.nan] * 3)[0] == pytest.approx(0.2)
     table = features.training_table(features.run_features(runs))
     assert (table["log_speedup_se"] > 0).all()  # every stored run has its bootstrap interval
+
+
+# ----------------------------------------------------------------------------------------------------
+# trust: the gap closed, interval coverage, applicable candidates, what to measure next, reasons
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_gap_closed_and_interval_coverage_are_computed_correctly(runs: pd.DataFrame) -> None:
+    # 1. By hand, on numbers whose answer is known.
+    policy = pd.DataFrame({"context": ["a", "b", "c"], "achieved": [2.0, 1.0, 1.5], "oracle": [2.0, 1.5, 1.5]})
+    single = pd.DataFrame({"context": ["a", "b", "c"], "achieved": [1.0, 1.0, 1.5], "oracle": [2.0, 1.5, 1.5]})
+    assert evaluate.gap_closed(policy, single) == pytest.approx((1.5 - 7 / 6) / (5 / 3 - 7 / 6))  # 2/3
+    assert evaluate.gap_closed(single, single) == 0.0
+    assert np.isnan(evaluate.gap_closed(single.assign(oracle=single["achieved"]), single))  # no gap to close
+    assert evaluate.interval_coverage(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 2.5, 3.0, 5.0]),
+                                      np.array([1.0, 3.0, 3.5, 6.0])) == 0.5
+    # 2. evaluate()'s coverage is that of the intervals a user is shown (predict_frame, widened out of
+    # range), over every measured configuration of every held-out group, recomputed here fold by fold.
+    table = features.training_table(features.run_features(runs))
+    results = evaluate.evaluate(table, Budget.parse("any"), learners=("boosting",), groupings=("model",))
+    learner_row = results[results["policy"] == "meta-learner (boosting)"].iloc[0]
+    hits = []
+    for model in table["model"].unique():
+        train_, test_ = table[table["model"] != model], table[table["model"] == model]
+        if len(train_) < 2:  # nothing to learn from: evaluate() fits no learner for this fold either
+            continue
+        fitted = MetaLearner(random_state=0).fit(train_[list(features.FEATURE_NAMES)], train_["log_speedup"],
+                                                 train_["quality_loss"], train_["weight"])
+        frame = fitted.predict_frame(test_[list(features.FEATURE_NAMES)])
+        measured = np.exp(test_["log_speedup"].to_numpy())
+        hits += list((measured >= frame["speedup_low"] * (1 - 1e-9)) & (measured <= frame["speedup_high"] * (1 + 1e-9)))
+    assert learner_row["interval_coverage"] == pytest.approx(np.mean(hits))
+    assert -np.inf < learner_row["gap_closed"] < np.inf or np.isnan(learner_row["gap_closed"])
+    per_group = evaluate.gap_closed_by_group(results)
+    assert set(per_group["group"]) == set(table["model"]) and set(per_group["policy"]) >= {"best_on_average"}
+    assert (per_group.loc[per_group["policy"] == "best_on_average", "gap_closed"].fillna(0) == 0).all()
+
+
+def _model_with_its_own_tokenizer(folder: Path, family: str) -> Path:
+    """A tiny causal LM of ``family`` whose BPE tokenizer was trained here on English text (not code):
+    nothing the seed measured shares its tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    text = ["The quick brown fox jumps over the lazy dog near the river bank."] * 40 + \
+           ["Pack my box with five dozen liquor jugs, said the sphinx of black quartz."] * 40
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<pad>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                        pad_token="<pad>")
+    size = len(tokenizer)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=size, n_layer=2, n_embd=32, n_head=2, n_positions=256,
+                                           bos_token_id=0, eos_token_id=0, pad_token_id=1))
+    else:
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=size, num_hidden_layers=2, hidden_size=32,
+                                                 num_attention_heads=2, intermediate_size=64,
+                                                 max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
+                                                 pad_token_id=1))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_recommend_never_offers_what_cannot_run(runs: pd.DataFrame, tmp_path: Path, cli_env: dict,
+                                                workbench_cmd: list) -> None:
+    from workbench.meta.commands import recommend_for
+
+    learner = persist.save(train(runs), tmp_path / "learner.skops")
+    gpt2 = _model_with_its_own_tokenizer(tmp_path / "gpt2-english", "gpt2")
+    neox = _model_with_its_own_tokenizer(tmp_path / "neox-english", "gpt_neox")
+    # 1. Another tokenizer: the zoo's draft is refused with the reason, never scored; what applies is.
+    done = subprocess.run([*workbench_cmd, "recommend", "--model", str(gpt2), "--workload", "code-prompts",
+                           "--max-items", "2", "--learner-path", str(learner), "--json"], env=cli_env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    offered = {c["configuration"] for c in result["candidates"]}
+    refused = {r["configuration"]: r["reason"] for r in result["inapplicable"]}
+    assert "speculative[draft=zoo:code-draft]" in refused and "tokenizer" in refused["speculative[draft=zoo:code-draft]"]
+    assert not any("draft=" in c for c in offered) and result["configuration"] not in refused
+    assert {"speculative[prompt_lookup_num_tokens=3]", "early_exit"} <= offered  # GPT-2: early exit runs
+    assert result["out_of_range"], "a 2-layer English GPT-2 is outside what one zoo LM taught the learner"
+    # 2. An architecture early exit refuses (GPT-NeoX), and a batch speculative decoding refuses.
+    neox_result = recommend_for(str(neox), "code-prompts", learner_path=learner, max_items=2)
+    assert "early_exit" in set(neox_result.inapplicable["configuration"])
+    assert "early_exit" not in set(neox_result.candidates["configuration"])
+    assert "GPT-NeoX" in neox_result.inapplicable.set_index("configuration").loc["early_exit", "reason"] or \
+        "gpt_neox" in neox_result.inapplicable.set_index("configuration").loc["early_exit", "reason"]
+    batched = recommend_for("zoo:code-wide", "code-prompts", learner_path=learner, max_items=4, batch_size=2)
+    assert not batched.candidates["configuration"].str.startswith("speculative").any()
+    assert "batch" in " ".join(batched.inapplicable["reason"])
+    assert "not applicable here" in batched.text()
+
+
+def test_recommend_plan_writes_a_sweep_that_runs(runs: pd.DataFrame, tmp_path: Path, cli_env: dict,
+                                                 workbench_cmd: list) -> None:
+    from workbench.store import Store
+    from workbench.sweep import read_sweep
+
+    learner = persist.save(train(runs), tmp_path / "learner.skops")
+    plan = tmp_path / "decide.yaml"
+    done = subprocess.run([*workbench_cmd, "recommend", "--model", UNSEEN_MODEL, "--workload", "code-prompts",
+                           "--max-items", "2", "--max-new-tokens", "8", "--learner-path", str(learner),
+                           "--plan", str(plan), "--json"], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["next_runs"], "five runs on one model leave overlapping intervals: something to measure"
+    assert all(run["minutes"] > 0 and run["why"] for run in result["next_runs"])
+    assert str(plan) in result["plan_note"]
+    sweep = read_sweep(plan)
+    assert [s.technique.name for s in sweep.specs] == [r["technique"] for r in result["next_runs"]]
+    assert {s.model.name for s in sweep.specs} == {UNSEEN_MODEL} and {s.workload.max_items for s in sweep.specs} == {2}
+    store = f"sqlite:///{tmp_path / 'decided.sqlite'}"
+    ran = subprocess.run([*workbench_cmd, "sweep", str(plan), "--store", store], env=cli_env, capture_output=True,
+                         text=True, timeout=900)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    stored = Store(store).runs()
+    assert len(stored) == len(result["next_runs"]) and set(stored["status"]) <= {"ok", "skipped"}
+    # Reasons a person reads: the first says the prediction and its drivers; nothing 'n/a'.
+    assert result["reasons"] and " is predicted " in result["reasons"][0]
+    assert not any("n/a" in reason for reason in result["reasons"])
+    bad = subprocess.run([*workbench_cmd, "recommend", "--model", UNSEEN_MODEL, "--workload", "code-prompts",
+                          "--learner-path", str(learner), "--plan", str(tmp_path)], env=cli_env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is a folder" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_counterfactual_finds_the_observed_change_that_flips_it(runs: pd.DataFrame) -> None:
+    """Prompt lookup wins at batch 1 and int8 at batch 16 in the training runs: the counterfactual of the
+    batch-1 recommendation must find batch 16, a value the training runs observed."""
+    table = features.training_table(features.run_features(runs))
+    template = table[table["configuration"].isin(["speculative[prompt_lookup_num_tokens=3]", "quantization"])
+                     & (table["modality"] == "text-generation")]
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in (1.0, 16.0):
+        for copy in range(8):  # several contexts per batch size, so that the trees can split on it
+            for _, row in template.iterrows():
+                lookup = row["technique"] == "speculative"
+                fast = (batch == 1.0) == lookup
+                rows.append({**row.to_dict(), "batch_size": batch, "prompt_chars_mean": 100.0 + copy,
+                             "context": f"ctx-{batch:g}-{copy}", "quality_loss": 0.0,
+                             "log_speedup": float(np.log(1.6 if fast else 0.8) + rng.normal(0, 0.01))})
+    synthetic = pd.DataFrame(rows)
+    learner = MetaLearner(learner="tree", random_state=0).fit(synthetic, synthetic["log_speedup"],
+                                                              synthetic["quality_loss"])
+    learner.candidates_ = features.candidates(synthetic).to_dict(orient="records")
+    learner.training_table_ = synthetic
+    context = synthetic[synthetic["batch_size"] == 1.0].iloc[0].to_dict()
+    result = recommend(learner, context, "any", min_speedup=1.0, min_low=0.0)
+    assert result.configuration == "speculative[prompt_lookup_num_tokens=3]", result.candidates[["configuration", "predicted_speedup", "speedup_low"]].to_string()
+    flip = result.counterfactual
+    assert flip["flips"] and flip["feature"] == "batch_size" and flip["to"] == 16.0 and flip["within_observed_range"], flip
+    assert flip["new_recommendation"] == "quantization" and "batch size were 16" in flip["text"]
+    assert " is predicted " in result.reasons[0] and "batches of 1" in " ".join(result.reasons)

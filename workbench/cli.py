@@ -348,7 +348,7 @@ def _runs_view(frame: Any) -> Any:
 @app.command()
 def learn(
     store: Optional[str] = typer.Option(None, "--store", help="SQLAlchemy URL (default: SQLite under data/)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Where to save the learner (default: data/meta/learner.skops)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where to save the learner (default: beside the store, e.g. data/workbench.learner.skops)."),
     learner: str = typer.Option("boosting", "--learner", help="boosting (default) or tree (the glass box)."),
     budget: str = typer.Option("perplexity<=2%,accuracy<=1,ssim>=0.9", "--budget", help="Quality budget of the evaluation: lossless, any, or clauses perplexity<=X% (LMs), accuracy<=X (classifiers, points), ssim>=X (images)."),
     since: Optional[str] = typer.Option(None, "--since", help="Only runs newer than this: 7d, 12h or a date."),
@@ -364,26 +364,29 @@ def recommend(
     model: str = typer.Option(..., "--model", "-m", help="Hugging Face id, local folder, or zoo:NAME."),
     workload: str = typer.Option(..., "--workload", "-w", help="Built-in workload name or a .jsonl file."),
     budget: str = typer.Option("perplexity<=2%,accuracy<=1,ssim>=0.9", "--budget", help="lossless, any, or clauses perplexity<=X% (LMs), accuracy<=X (classifiers, points), ssim>=X (images)."),
-    learner_path: Optional[str] = typer.Option(None, "--learner-path", help="A saved learner (default: data/meta/learner.skops)."),
+    learner_path: Optional[str] = typer.Option(None, "--learner-path", help="A saved learner (default: the default store's, data/workbench.learner.skops)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens generated per prompt."),
     batch_size: int = typer.Option(1, "--batch-size", help="Inputs per call."),
     steps: int = typer.Option(50, "--steps", help="Diffusion steps, for diffusion models."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    max_items: Optional[int] = typer.Option(None, "--max-items", help="Inputs of the workload to use (default: all)."),
+    plan: Optional[str] = typer.Option(None, "--plan", help="Write the runs that would decide between overlapping candidates to this sweep file (for `workbench sweep`)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Recommend a technique for a model and workload on this machine, with reasons and a counterfactual."""
+    """Recommend a technique for a model and workload on this machine, with reasons, a counterfactual and what to measure next."""
     from workbench.meta.commands import recommend_for
 
     result = recommend_for(model, workload, budget, learner_path, device=device, dtype=dtype,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, steps=steps, threads=threads)
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, steps=steps, threads=threads,
+                           max_items=max_items, plan=plan)
     typer.echo(_dump(result.to_dict()) if as_json else result.text())
 
 
 @app.command()
 def explain(
-    learner_path: Optional[str] = typer.Option(None, "--learner-path", help="A saved learner (default: data/meta/learner.skops)."),
+    learner_path: Optional[str] = typer.Option(None, "--learner-path", help="A saved learner (default: the default store's, data/workbench.learner.skops)."),
     html: Optional[str] = typer.Option(None, "--html", help="Also write the plotly figures to this HTML file."),
 ) -> None:
     """Global explanation of the meta-learner: importances, partial dependence, rules."""

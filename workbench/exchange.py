@@ -22,6 +22,7 @@ import pandas as pd
 
 from workbench.errors import WorkbenchError
 from workbench.store import COLUMNS_ADDED, JSON_COLUMNS, RUN_COLUMNS, Store, to_json
+from workbench.store.schema import _INT_COLUMNS
 
 BUNDLE_FORMAT = "workbench-runs-bundle"
 BUNDLE_VERSION = 1
@@ -71,7 +72,12 @@ def read_bundle(path: str | Path) -> pd.DataFrame:
         if name not in frame.columns:
             frame[name] = None
     for name in JSON_COLUMNS:
-        frame[name] = [None if value is None else json.loads(value) for value in frame[name]]
+        # A missing cell comes back as None, or as NaN from a column pyarrow stored as all-null.
+        frame[name] = [json.loads(value) if isinstance(value, (str, bytes)) else None for value in frame[name]]
+    for name in _INT_COLUMNS:  # a whole-number column with missing cells comes back as floats (1329221.0, NaN)
+        if name in frame.columns and frame[name].dtype.kind == "f":
+            frame[name] = pd.Series([None if pd.isna(v) else int(v) if float(v).is_integer() else v
+                                     for v in frame[name]], index=frame.index, dtype=object)
     return frame
 
 

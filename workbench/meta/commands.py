@@ -36,9 +36,9 @@ def learn(store_url: str | None = None, out: str | Path | None = None, learner: 
         raise WorkbenchError(f"no stored runs to learn from ({len(runs)} run(s), {len(table)} usable comparison(s) "
                              f"in {store.url}): {NO_RUNS_HINT}")
     # 2. Evaluate every learner and baseline, then fit the chosen learner on all data and save it.
-    results = evaluate.evaluate(table, parsed, random_state=random_state)
+    results = evaluate.evaluate(table, parsed, learners=(learner,), random_state=random_state)
     fitted = train(runs, learner=learner, random_state=random_state, source=store.url)
-    path = persist.save(fitted, out)
+    path = persist.save(fitted, out if out is not None else persist.default_path(store.url))
     # 3. Text.
     misses = evaluate.shortfalls(results)
     text = "\n".join([
@@ -48,6 +48,13 @@ def learn(store_url: str | None = None, out: str | Path | None = None, learner: 
         f"{table['machine_id'].nunique()} machine(s)",
         f"leave-one-group-out evaluation (budget {parsed.text}; choices scored by measured speedup):",
         _table_text(results),
+        "gap closed (ASlib: the share of the gap between always using the best-on-average configuration and "
+        "the oracle that a policy closes; 1 is the oracle, 0 no better than best-on-average):",
+        *[f"  - {line}" for line in evaluate.gap_verdicts(results)],
+        f"per held-out group ({learner} meta-learner; mean measured speedups of the group's contexts):",
+        _per_group_text(results, f"meta-learner ({learner})"),
+        "interval coverage: the share of held-out measured speedups inside the learner's 80% interval (widened "
+        "where a context is outside the training range); near 0.80 is honest, far below is overconfident",
         evaluate.ANCHOR,
         "regret (oracle speedup - achieved, lower is better):",
         *[f"  - {line}" for line in evaluate.regret_verdicts(results)],
@@ -59,6 +66,17 @@ def learn(store_url: str | None = None, out: str | Path | None = None, learner: 
     return {"evaluation": results, "path": path, "text": text}
 
 
+def _per_group_text(results: pd.DataFrame, policy: str) -> str:
+    groups = evaluate.gap_closed_by_group(results)
+    groups = groups[groups["policy"] == policy].drop(columns=["policy"])
+    if groups.empty:
+        return "  (no grouping has two groups)"
+    groups = groups.rename(columns={"oracle_speedup": "oracle", "single_best_speedup": "best_on_average",
+                                    "achieved_speedup": "learner"})
+    groups["group"] = groups["group"].map(lambda g: g if len(g) <= 40 else g[:37] + "...")
+    return groups.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
+
+
 def _table_text(results: pd.DataFrame) -> str:
     shown = results.copy()
     shown["note"] = shown["note"].fillna("")
@@ -68,15 +86,94 @@ def _table_text(results: pd.DataFrame) -> str:
 
 def recommend_for(model: str, workload: str, budget: str = "perplexity<=2%,accuracy<=1,ssim>=0.9", learner_path: str | Path | None = None,
                   device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 32, batch_size: int = 1,
-                  steps: int = 50, threads: int | None = None) -> Recommendation:
-    """Load the learner, describe the context from files and this machine, recommend."""
+                  steps: int = 50, threads: int | None = None, max_items: int | None = None,
+                  plan: str | Path | None = None) -> Recommendation:
+    """Load the learner, describe the context from files and this machine, keep only the candidates the
+    techniques' plan-time checks accept here, recommend; ``plan`` also writes the runs that would decide
+    (``Recommendation.next_runs``) as a sweep file for ``workbench sweep``."""
     from workbench.specs import WorkloadSpec
 
-    parsed = Budget.parse(budget)  # a bad budget fails before anything is loaded
+    # 1. Everything the user typed is checked before anything is loaded.
+    parsed = Budget.parse(budget)
+    plan_path = _plan_path(plan) if plan is not None else None
     learner = persist.load(learner_path)
-    spec = WorkloadSpec(workload, max_new_tokens=max_new_tokens, batch_size=batch_size, num_inference_steps=steps)
+    spec = WorkloadSpec(workload, max_new_tokens=max_new_tokens, batch_size=batch_size, num_inference_steps=steps,
+                        max_items=max_items)
+    # 2. The context, and each candidate's applicability as the runner would judge it.
     context = features.context_for(model, spec, device=device, dtype=dtype, threads=threads)
-    return recommend(learner, context, parsed)
+    check = applicability(model, spec, device=device, dtype=dtype, threads=threads)
+    result = recommend(learner, context, parsed, check=check)
+    # 3. The plan, when asked.
+    if plan_path is not None:
+        write_plan(result, plan_path, model, spec, device, dtype, threads)
+    return result
+
+
+def _plan_path(plan: str | Path) -> Path:
+    path = Path(plan).expanduser()
+    if path.is_dir():
+        raise WorkbenchError(f"--plan {str(plan)!r} is a folder: give a file name, e.g. --plan sweep.yaml")
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise WorkbenchError(f"--plan {str(plan)!r} is not a .yaml file: give e.g. --plan sweep.yaml")
+    return path
+
+
+def write_plan(result: Recommendation, path: Path, model: str, spec: Any, device: str, dtype: str,
+               threads: int | None) -> None:
+    """Write ``result.next_runs`` as a sweep file at ``path`` (checked by the sweep parser first; an empty
+    plan is not written: the decision needs no run)."""
+    import dataclasses
+
+    from workbench.meta.next_runs import sweep_yaml
+    from workbench.sweep import parse_sweep
+
+    if not result.next_runs:
+        result.plan_note = f"nothing written to {path}: the prediction already decides (no overlapping candidates)"
+        return
+    workload = {k: v for k, v in dataclasses.asdict(spec).items() if k in ("name", "max_items", "max_new_tokens",
+                                                                         "batch_size", "num_inference_steps")}
+    text = sweep_yaml(result.next_runs, {"model": model, "workload": workload, "device": device, "dtype": dtype,
+                                         "threads": threads})
+    parse_sweep(text, source=str(path))  # what we write, `workbench sweep` reads
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
+    result.plan_note = f"wrote {len(result.next_runs)} run(s) to {path}: run them with `workbench sweep {path}`"
+
+
+def applicability(model: str, spec: Any, device: str = "cpu", dtype: str = "float32",
+                  threads: int | None = None) -> Any:
+    """A :data:`~workbench.meta.recommend.Applicability` for this model and workload: each candidate is
+    planned as ``workbench run`` would plan it (``runner.plan``: the technique's ``check`` against the
+    model's and the draft's file facts, the batch size, the device), with the context overrides of a
+    counterfactual applied to the workload; the one-line refusal is the reason."""
+    import dataclasses
+    import json
+
+    from workbench.runner import plan as plan_run
+    from workbench.specs import ModelSpec, RunSpec, TechniqueSpec
+
+    fields = {"batch_size": "batch_size", "output_tokens": "max_new_tokens", "diffusion_steps": "num_inference_steps"}
+    cache: dict[tuple, str | None] = {}
+
+    def check(row: Any, overrides: Any) -> str | None:
+        params = json.loads(row["params"]) if isinstance(row.get("params"), str) else dict(row.get("params") or {})
+        draft = row.get("draft") if isinstance(row.get("draft"), str) and row.get("draft") else None
+        changes = {fields[k]: int(v) for k, v in dict(overrides).items() if k in fields}
+        run_threads = int(overrides["threads"]) if "threads" in overrides else threads
+        key = (row["technique"], json.dumps(params, sort_keys=True), draft, tuple(sorted(changes.items())), run_threads)
+        if key not in cache:
+            try:
+                technique = TechniqueSpec(row["technique"], params, ModelSpec(draft) if draft else None)
+                plan_run(RunSpec(ModelSpec(model), dataclasses.replace(spec, **changes), technique, device=device,
+                                 dtype=dtype, threads=run_threads))
+                cache[key] = None
+            except WorkbenchError as err:
+                cache[key] = str(err)
+        return cache[key]
+
+    return check
 
 
 def explain_learner(learner_path: str | Path | None = None, html: str | Path | None = None,

@@ -124,9 +124,10 @@ def contributions(learner: MetaLearner, row: pd.DataFrame) -> pd.DataFrame:
 
 
 def _tree_path(learner: MetaLearner, row: pd.DataFrame) -> pd.DataFrame:
-    tree = learner.speed_model_.tree_
+    model = learner.models_for(str(row["technique"].iloc[0]))["point"]
+    tree = model.tree_
     matrix = learner.encode(row)
-    nodes = learner.speed_model_.decision_path(matrix).indices
+    nodes = model.decision_path(matrix).indices
     prior = learner.speed_prior_
     records = [{"feature": "configuration", "value": row["configuration"].iloc[0],
                 "reference": "prior: this configuration's training mean vs the overall mean",
@@ -141,19 +142,128 @@ def _tree_path(learner: MetaLearner, row: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records, columns=["feature", "value", "reference", "contribution_log_speedup"])
 
 
-def reasons(frame: pd.DataFrame, top: int = 3) -> list[str]:
-    """The largest contributions as sentences ("model_hidden_size = 512 (typical 64): 1.40x faster")."""
-    lines = []
-    for _, item in frame.head(top).iterrows():
-        factor = math.exp(item["contribution_log_speedup"])
-        if abs(item["contribution_log_speedup"]) < 1e-6:
+#: How each feature reads in a sentence: value -> words (``None``: the feature is not shown).
+_PHRASES: dict[str, Any] = {
+    "prompt_repeated_3gram_fraction": lambda v: f"the prompts repeat {v:.0%} of their word 3-grams",
+    "model_parameters_log10": lambda v: f"the model has {10 ** v / 1e6:.3g}M parameters",
+    "model_layers": lambda v: f"the model has {v:g} layers",
+    "model_hidden_size": lambda v: f"the model is {v:g} wide",
+    "model_vocab_size": lambda v: f"its vocabulary has {v:,.0f} tokens",
+    "model_bytes_log10": lambda v: f"its weights take {10 ** v / 2 ** 20:.3g} MiB",
+    "batch_size": lambda v: f"batches of {v:g}",
+    "prompt_chars_mean": lambda v: f"prompts of {v:.0f} characters on average",
+    "output_tokens": lambda v: f"{v:g} new tokens per prompt",
+    "diffusion_steps": lambda v: f"{v:g} diffusion steps",
+    "threads": lambda v: f"{v:g} torch thread{'s' if v != 1 else ''}",
+    "cpu_cores_logical": lambda v: f"{v:g} CPU cores",
+    "ram_gib": lambda v: f"{v:.0f} GiB of RAM",
+    "memory_bandwidth_gb_per_s": lambda v: f"{v:.3g} GB/s of memory bandwidth",
+    "gpu_compute_capability": lambda v: f"GPU compute capability {v:g}",
+    "draft_tokens": lambda v: f"it drafts {v:g} tokens per target pass",
+    "prompt_lookup_tokens": lambda v: f"it looks up {v:g} tokens at a time",
+    "weight_bits": lambda v: f"{v:g}-bit weights",
+    "exit_threshold": lambda v: f"an exit threshold of {v:g}",
+    "draft_cost_ratio": lambda v: f"the drafter costs {v:.0%} of the target per token",
+}
+_REFERENCE = {"prompt_repeated_3gram_fraction": lambda v: f"{v:.0%}",
+              "model_parameters_log10": lambda v: f"{10 ** v / 1e6:.3g}M",
+              "model_bytes_log10": lambda v: f"{10 ** v / 2 ** 20:.3g} MiB",
+              "draft_cost_ratio": lambda v: f"{v:.0%}"}
+
+
+def reasons(frame: pd.DataFrame, learner: MetaLearner | None = None, row: pd.Series | None = None,
+            predicted: pd.Series | None = None, top: int = 3) -> list[str]:
+    """Why one candidate is predicted what it is, as sentences a person reads.
+
+    The first sentence (with ``learner``, ``row`` and ``predicted``) says the prediction, its largest
+    drivers and what similar measured contexts gained ("prompt lookup is predicted 1.40x here because the
+    prompts repeat 31% of their word 3-grams (typical 9%), and the same configuration measured 1.30-1.60x
+    on 4 similar contexts"); then one line per large contribution ("the prompts repeat 31% of their word
+    3-grams (typical 9%): 1.25x faster predicted"). Features that do not apply (n/a) are left out.
+
+    Example:
+        >>> parts = pd.DataFrame({"feature": ["batch_size"], "value": [16.0], "reference": [1.0],
+        ...                       "contribution_log_speedup": [-0.2]})
+        >>> reasons(parts)
+        ['batches of 16 (typical 1): 1.22x slower predicted']
+    """
+    drivers, lines = [], []
+    for _, item in frame.iterrows():
+        if len(lines) >= top:
+            break
+        delta = float(item["contribution_log_speedup"])
+        phrase = _phrase(item["feature"], item["value"], item["reference"])
+        if abs(delta) < 1e-3 or phrase is None:
             continue
-        effect = f"{factor:.2f}x {'faster' if factor >= 1 else 'slower'} predicted"
-        reference = item["reference"]
-        context = (f"(path: {reference})" if isinstance(reference, str) and any(op in reference for op in "<>")
-                   else f"(typical {_show(reference)})")
-        lines.append(f"{item['feature']} = {_show(item['value'])} {context}: {effect}")
-    return lines
+        factor = math.exp(delta)
+        effect = f"{factor:.2f}x faster predicted" if factor >= 1 else f"{1 / factor:.2f}x slower predicted"
+        lines.append(f"{phrase}: {effect}")
+        drivers.append(phrase)
+    if learner is None or row is None or predicted is None:
+        return lines
+    name = str(row["configuration"])
+    summary = (f"{name} is predicted {predicted['predicted_speedup']:.2f}x here ({predicted['speedup_low']:.2f}-"
+               f"{predicted['speedup_high']:.2f}x)")
+    if drivers:
+        summary += " because " + " and ".join(drivers[:2])
+    similar = similar_measurements(learner, row)
+    if similar is not None:
+        summary += (f"{',' if drivers else ''} and {similar['what']} measured {similar['low']:.2f}-{similar['high']:.2f}x "
+                    f"on {similar['contexts']} similar context{'s' if similar['contexts'] != 1 else ''} "
+                    f"({similar['examples']})")
+    return [summary, *lines]
+
+
+def similar_measurements(learner: MetaLearner, row: pd.Series, k: int = 4) -> dict[str, Any] | None:
+    """The measured speedups of the same configuration (else the same technique) in the ``k`` training
+    contexts of the same modality nearest to ``row`` (standardised distance over the numeric context
+    features), as a range; None when there is none."""
+    table = getattr(learner, "training_table_", None)
+    if table is None or table.empty:
+        return None
+    same_modality = table[table["modality"].astype(str) == str(row.get("modality"))]
+    pool, what = same_modality[same_modality["configuration"] == row["configuration"]], "the same configuration"
+    if pool.empty:
+        pool, what = same_modality[same_modality["technique"] == row.get("technique")], f"{row.get('technique')}"
+    if pool.empty:
+        return None
+    numeric = [n for n in ("model_parameters_log10", "model_layers", "batch_size", "output_tokens",
+                           "prompt_repeated_3gram_fraction", "prompt_chars_mean", "threads", "diffusion_steps")
+               if n in pool.columns]
+    values = pool[numeric].apply(pd.to_numeric, errors="coerce")
+    here = pd.to_numeric(pd.Series({n: row.get(n) for n in numeric}), errors="coerce")
+    scale = same_modality[numeric].apply(pd.to_numeric, errors="coerce").std().replace(0, 1).fillna(1)
+    distance = (((values - here) / scale) ** 2).fillna(1.0).sum(axis=1)
+    nearest = pool.loc[distance.sort_values(kind="stable").index[:k]]
+    speedups = np.exp(nearest["log_speedup"].astype(float))
+    examples = ", ".join(f"{m} on {w}" for m, w in list(dict.fromkeys(zip(nearest["model"], nearest["workload"])))[:2])
+    return {"what": what, "low": float(speedups.min()), "high": float(speedups.max()), "contexts": len(nearest),
+            "examples": examples}
+
+
+def _phrase(feature: str, value: Any, reference: Any) -> str | None:
+    """'<feature in words> (typical <reference>)' or, for a tree split, '<words> (<condition>)'; None when
+    the value does not apply (n/a)."""
+    if feature == "configuration":
+        return "this configuration's measured average"
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "none":
+        return None
+    if feature in _PHRASES:
+        try:
+            words = _PHRASES[feature](float(value))
+        except (TypeError, ValueError):
+            return None
+    else:
+        words = f"{feature.replace('_', ' ')} {value}"
+    if isinstance(reference, str) and any(op in reference for op in "<>"):
+        return f"{words} ({reference})"
+    if reference is None or (isinstance(reference, float) and math.isnan(reference)) or reference == value:
+        return words
+    shown = _REFERENCE.get(feature, lambda v: f"{v:g}" if isinstance(v, (int, float)) else str(v))
+    try:
+        return f"{words} (typical {shown(float(reference) if feature in _PHRASES else reference)})"
+    except (TypeError, ValueError):
+        return words
 
 
 def _show(value: Any) -> str:
@@ -169,66 +279,106 @@ def _show(value: Any) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def counterfactual(learner: MetaLearner, rows: pd.DataFrame, budget: Budget, current: Decision) -> dict[str, Any]:
-    """The smallest single change of an actionable feature that changes the decision.
+def counterfactual(learner: MetaLearner, rows: pd.DataFrame, budget: Budget, current: Decision,
+                   check: Any = None, min_speedup: float | None = None, min_low: float | None = None) -> dict[str, Any]:
+    """The smallest single change of an actionable feature, within the range the training runs observed,
+    that changes the decision.
 
-    When no change tried flips it, the change that brings the best allowed candidate's lower bound
-    closest to the baseline is returned instead, with ``flips`` False and how far it still falls short.
-
-    ``draft_cost_ratio`` is changed for one drafting candidate at a time ("if the draft were 3x
-    cheaper"); the other features for the whole context. Changes are tried smallest first (by
-    ``|log(multiplier)|``).
+    Values tried: for each actionable feature (threads, batch size, output length, diffusion steps, and a
+    drafting candidate's draft cost ratio), the values the training runs of this modality took, nearest
+    first (by ``|log(new / old)|``), then the multipliers of ``ACTIONABLE_CHANGES`` beyond them. A change
+    is kept only when the new choice still passes ``check`` (the technique's plan-time applicability, e.g.
+    speculative decoding refuses a batch of 4): otherwise the next-best candidate is chosen. When no change
+    flips the decision, the change that brings the best allowed candidate's lower bound closest to the
+    baseline is returned instead, with ``flips`` False and how far it still falls short.
 
     Returns:
         ``feature``, ``configuration`` (whose row changed, or "all"), ``from``, ``to``, ``multiplier``,
-        ``new_recommendation``, ``flips``, ``text``.
+        ``new_recommendation``, ``flips``, ``within_observed_range``, ``text``.
     """
     trials = []
     nearest: dict[str, Any] | None = None
     start = _best_allowed(pd.concat([rows[["configuration", "lossless"]], learner.predict_frame(rows)], axis=1), budget)
     start_low = float(start["speedup_low"]) if start is not None else -math.inf
+    observed = _observed_values(learner, str(rows["modality"].iloc[0])) if not rows.empty else {}
     for name, multipliers in ACTIONABLE_CHANGES.items():
         if name not in NUMERIC_FEATURES:
             continue
-        for multiplier in multipliers:
-            if name == "draft_cost_ratio":
-                for index in rows.index[pd.to_numeric(rows[name], errors="coerce") > 0]:
-                    trials.append((abs(math.log(multiplier)), name, multiplier, index))
-            elif pd.to_numeric(rows[name], errors="coerce").notna().any():
-                trials.append((abs(math.log(multiplier)), name, multiplier, None))
-    for _, name, multiplier, index in sorted(trials, key=lambda t: t[0]):
+        targets = ([(index, float(rows.loc[index, name])) for index in
+                    rows.index[pd.to_numeric(rows[name], errors="coerce") > 0]] if name == "draft_cost_ratio"
+                   else [(None, float(pd.to_numeric(rows[name], errors="coerce").dropna().iloc[0]))]
+                   if pd.to_numeric(rows[name], errors="coerce").notna().any() else [])
+        for index, old in targets:
+            if not old > 0:
+                continue
+            seen = [v for v in observed.get(name, []) if v > 0 and v != old]
+            values = [(v, True) for v in seen] + [(old * m, False) for m in multipliers
+                                                  if not any(abs(math.log(old * m / v)) < 1e-9 for v in seen)]
+            for value, inside in values:
+                if name in ("threads", "batch_size", "output_tokens", "diffusion_steps"):
+                    value = max(1.0, float(round(value)))
+                if value != old:
+                    trials.append((0 if inside else 1, abs(math.log(value / old)), name, value, index, old, inside))
+    for _, _, name, new, index, old, inside in sorted(trials, key=lambda t: (t[0], t[1])):
         changed = rows.copy()
         target = changed.index if index is None else [index]
-        old = float(changed.loc[target[0], name])
-        new = old * multiplier
-        if name in ("threads", "batch_size", "output_tokens", "diffusion_steps"):
-            new = max(1.0, round(new))
-        if new == old:
-            continue
         changed.loc[target, name] = new
         predicted = pd.concat([changed[["configuration", "lossless"]], learner.predict_frame(changed)], axis=1)
-        decision = decide(predicted, budget)
+        overrides = {} if index is not None else {name: new}
+        decision = _decide_applicable(predicted, changed, budget, check, overrides, min_speedup, min_low)
         who = "all" if index is None else str(rows.loc[index, "configuration"])
+        multiplier = new / old
         if decision.configuration != current.configuration:
             return {"feature": name, "configuration": who, "from": old, "to": new, "multiplier": multiplier,
-                    "new_recommendation": decision.configuration, "flips": True, "text": _counterfactual_text(
-                        name, who, old, new, multiplier, decision.configuration, current.configuration)}
+                    "new_recommendation": decision.configuration, "flips": True, "within_observed_range": inside,
+                    "text": _counterfactual_text(name, who, old, new, multiplier, decision.configuration,
+                                                 current.configuration, inside)}
         best = _best_allowed(predicted, budget)
         if current.fallback and best is not None and best["speedup_low"] > start_low + 1e-9:
             if nearest is None or best["speedup_low"] > nearest["speedup_low"]:
                 nearest = {"feature": name, "configuration": who, "from": old, "to": new, "multiplier": multiplier,
                            "new_recommendation": current.configuration, "flips": False,
+                           "within_observed_range": inside,
                            "speedup_low": float(best["speedup_low"]), "candidate": str(best["configuration"])}
     if nearest is None:
         return {"flips": False, "text": "no single actionable change tried (threads, draft cost, batch size, "
-                                        "output length, steps) changes this recommendation or brings a "
-                                        "candidate closer to it"}
+                                        "output length, steps; every value the training runs observed) changes "
+                                        "this recommendation or brings a candidate closer to it"}
     change = _counterfactual_text(nearest["feature"], nearest["configuration"], nearest["from"], nearest["to"],
-                                  nearest["multiplier"], nearest["candidate"], current.configuration)
+                                  nearest["multiplier"], nearest["candidate"], current.configuration,
+                                  nearest["within_observed_range"])
     nearest["text"] = (f"no single actionable change tried flips it; the closest: {change.split(' if ', 1)[1]} "
                        f"would lift {nearest['candidate']}'s lower bound to {nearest['speedup_low']:.2f}x, still "
-                       f"{1 / nearest['speedup_low']:.1f}x short of beating the baseline")
+                       f"{1 / nearest['speedup_low']:.2f}x short of beating the baseline")
     return nearest
+
+
+def _observed_values(learner: MetaLearner, modality: str) -> dict[str, list[float]]:
+    """Every value an actionable feature took in the training runs of ``modality``."""
+    table = getattr(learner, "training_table_", None)
+    if table is None or table.empty:
+        return {}
+    rows = table[table["modality"].astype(str) == modality]
+    return {name: sorted(set(pd.to_numeric(rows[name], errors="coerce").dropna().astype(float)))
+            for name in ACTIONABLE_CHANGES if name in rows.columns}
+
+
+def _decide_applicable(predicted: pd.DataFrame, rows: pd.DataFrame, budget: Budget, check: Any,
+                       overrides: dict[str, Any], min_speedup: float | None = None,
+                       min_low: float | None = None) -> Decision:
+    """:func:`decide` (at the recommendation's ``min_speedup``), skipping choices ``check`` refuses under
+    the changed context."""
+    settings: dict[str, Any] = {"min_low": min_low}
+    if min_speedup is not None:
+        settings["min_speedup"] = min_speedup
+    while True:
+        decision = decide(predicted, budget, **settings)
+        if check is None or not overrides or decision.fallback:
+            return decision
+        index = predicted.index[predicted["configuration"] == decision.configuration][0]
+        if check(rows.loc[index].to_dict(), overrides) is None:
+            return decision
+        predicted = predicted.drop(index)
 
 
 def _best_allowed(predicted: pd.DataFrame, budget: Budget) -> pd.Series | None:
@@ -238,9 +388,12 @@ def _best_allowed(predicted: pd.DataFrame, budget: Budget) -> pd.Series | None:
 
 
 def _counterfactual_text(name: str, who: str, old: float, new: float, multiplier: float, new_choice: str,
-                         old_choice: str) -> str:
+                         old_choice: str, inside: bool = True) -> str:
     if name == "draft_cost_ratio":
-        change = f"the draft of {who} were {1 / multiplier:.0f}x cheaper (cost ratio {old:.3g} -> {new:.3g})"
+        change = f"the draft of {who} were {1 / multiplier:.3g}x cheaper (cost ratio {old:.3g} -> {new:.3g})"
     else:
-        change = f"{name} were {_show(new)} instead of {_show(old)}"
-    return f"{new_choice} would be recommended instead of {old_choice} if {change}"
+        words = {"threads": "torch threads", "batch_size": "the batch size", "output_tokens": "the output length",
+                 "diffusion_steps": "the number of diffusion steps"}.get(name, name)
+        change = f"{words} were {_show(new)} instead of {_show(old)}"
+    where = "" if inside else " (beyond the values measured in training: an extrapolation)"
+    return f"{new_choice} would be recommended instead of {old_choice} if {change}{where}"

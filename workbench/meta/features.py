@@ -108,6 +108,7 @@ CONFIGURATION_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.gr
 CONTEXT_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.name not in CONFIGURATION_FEATURES)
 TARGETS: tuple[str, ...] = ("log_speedup", "quality_loss")
 NOISY_SE_FACTOR = 3.0  # a run flagged "noisy machine" pools with 3x its standard error (1/9 the weight)
+COST_COLUMNS: tuple[str, ...] = ("baseline_seconds", "work_units")  # what a run cost (see run_cost)
 NOISY_WEIGHT = 0.2  # sample weight of a (context, configuration) measured only on a noisy machine
 #: Columns beside the features: identity and provenance of each row.
 KEY_COLUMNS: tuple[str, ...] = ("context", "model", "workload", "machine_id", "lossless", "params", "draft",
@@ -193,7 +194,8 @@ def run_features(runs: pd.DataFrame) -> pd.DataFrame:
         A DataFrame with ``KEY_COLUMNS``, ``FEATURE_NAMES``, ``TARGETS``, ``log_speedup_se`` (from the
         run's bootstrap interval), ``noisy``, ``run_id`` and ``created_at``.
     """
-    columns = ["run_id", "created_at", *KEY_COLUMNS[:-1], *FEATURE_NAMES, *TARGETS, "log_speedup_se", "noisy"]
+    columns = ["run_id", "created_at", *KEY_COLUMNS[:-1], *FEATURE_NAMES, *TARGETS, "log_speedup_se", "noisy",
+               *COST_COLUMNS]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     rows = []
@@ -244,7 +246,28 @@ def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:
     if row["noisy"]:  # a contended measurement counts less when pooled with quiet ones
         row["log_speedup_se"] *= NOISY_SE_FACTOR
     row["quality_loss"] = quality_loss(run.get("quality"), modality, row["lossless"])
+    row.update(run_cost(run.get("summary") or {}, modality, workload))
     return row
+
+
+def run_cost(summary: Mapping[str, Any], modality: str, workload: Mapping[str, Any]) -> dict[str, float]:
+    """What one run cost, for estimating the next: ``baseline_seconds`` (the baseline's timed calls,
+    mean latency x calls) and ``work_units`` (tokens generated, inputs classified, or images x steps).
+
+    Example:
+        >>> run_cost({"variants": {"baseline": {"calls": 4, "latency_s": {"mean": 0.5}, "new_tokens_total": 64}}},
+        ...          "text-generation", {})
+        {'baseline_seconds': 2.0, 'work_units': 64.0}
+    """
+    baseline = (summary.get("variants") or {}).get("baseline") or {}
+    calls, latency = _number(baseline.get("calls")), _number((baseline.get("latency_s") or {}).get("mean"))
+    if modality == "text-generation":
+        units = _number(baseline.get("new_tokens_total"))
+    elif modality == "image-generation":
+        units = calls * _number(workload.get("batch_size"), 1.0) * _number(workload.get("num_inference_steps"))
+    else:
+        units = calls * _number(workload.get("batch_size"), 1.0)
+    return {"baseline_seconds": calls * latency, "work_units": units}
 
 
 def context_id(row: Mapping[str, Any]) -> str:
@@ -395,6 +418,8 @@ def training_table(features: pd.DataFrame) -> pd.DataFrame:
     table["quality_loss"] = grouped["quality_loss"].mean()  # NaN only when no run had a figure
     table["noisy"] = grouped["noisy"].all() if "noisy" in features.columns else False
     table["weight"] = np.where(table["noisy"], NOISY_WEIGHT, 1.0)  # sample weight for the learner
+    for column in COST_COLUMNS:
+        table[column] = grouped[column].mean() if column in features.columns else float("nan")
     table["n_runs"] = grouped.size()
     table["run_ids"] = grouped["run_id"].agg(lambda ids: sorted(ids))
     return table.reset_index()
@@ -487,6 +512,7 @@ def context_for(model: str, workload: Any, device: str = "cpu", dtype: str = "fl
     row.update(workload_features(loaded.modality, prompts, spec.__dict__))
     row.update(hardware_features(environment, device, threads))
     row["context"] = context_id(row)
+    row["workload_items"] = len(loaded.items)  # not a feature: what estimating a run's minutes needs
     return row
 
 
@@ -509,10 +535,11 @@ def candidate_rows(context: Mapping[str, Any], options: pd.DataFrame) -> pd.Data
         row = {name: context.get(name) for name in CONTEXT_FEATURES}
         row.update(context=context.get("context"), model=context.get("model"), workload=context.get("workload"),
                    machine_id=context.get("machine_id"), lossless=bool(option["lossless"]),
-                   params=option["params"], draft=option["draft"], draft_parameters=option["draft_parameters"])
+                   params=option["params"], draft=option["draft"], draft_parameters=option["draft_parameters"],
+                   workload_items=context.get("workload_items"))
         row.update(configuration_features(option["technique"], params, option["draft"],
                                           option["draft_parameters"], model_info))
         if draft is not None and not (row.get("draft_cost_ratio") or 0.0) < 1.0:
             continue  # a draft no smaller than the target cannot pay
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*KEY_COLUMNS[:-1], *FEATURE_NAMES])
+    return pd.DataFrame(rows, columns=[*KEY_COLUMNS[:-1], *FEATURE_NAMES, "workload_items"])

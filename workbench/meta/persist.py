@@ -23,10 +23,11 @@ import pandas as pd
 from workbench import paths
 from workbench.errors import WorkbenchError
 from workbench.meta import features
+from workbench.meta.trust import TrainingRange
 from workbench.meta.learner import MetaLearner
 
 FORMAT = "workbench-meta-learner"
-FORMAT_VERSION = 2  # 2: the learner keeps its priors (speed_prior_, quality_prior_)
+FORMAT_VERSION = 3  # 2: the learner keeps its priors (speed_prior_, quality_prior_); 3: models per technique
 #: The only types a learner file may contain besides builtins (checked before anything is built).
 TRUSTED_TYPES: tuple[str, ...] = (
     "sklearn.ensemble._gb.GradientBoostingRegressor",
@@ -45,15 +46,31 @@ TRUSTED_TYPES: tuple[str, ...] = (
     "numpy.int64",
     "builtins.slice",
 )
-_MODELS = ("speed_model_", "speed_low_model_", "speed_high_model_", "quality_model_")
+_MODELS = ("speed_model_", "speed_low_model_", "speed_high_model_", "quality_model_", "technique_models_")
 _STATE = ("categories_", "encoded_columns_", "feature_names_", "n_features_in_", "reference_", "residual_std_",
           "speed_prior_", "quality_prior_",
           "candidates_", "provenance_")
 
 
-def default_path() -> Path:
-    """Where ``workbench learn`` saves and ``recommend``/``explain`` look: ``<data>/meta/learner.skops``."""
+def default_path(store_url: str | None = None) -> Path:
+    """Where ``workbench learn`` saves a learner and ``recommend``/``explain`` look for one: beside the
+    store it learned from (``runs.sqlite`` -> ``runs.learner.skops`` in the same folder; the default
+    store's is ``<data>/workbench.learner.skops``), never inside the checkout unless the store is there; a
+    server store's learners go to ``<data>/meta/learner.skops``."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(store_url or paths.default_store_url())
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        location = Path(url.database).expanduser()
+        return location.with_name(f"{location.stem}.learner.skops")
     return paths.data_dir() / "meta" / "learner.skops"
+
+
+def _default_for_reading() -> Path:
+    """The default store's learner, else one saved where older versions saved it (``<data>/meta``)."""
+    path = default_path()
+    legacy = paths.data_dir() / "meta" / "learner.skops"
+    return legacy if not path.is_file() and legacy.is_file() else path
 
 
 def save(learner: MetaLearner, path: str | Path | None = None) -> Path:
@@ -84,7 +101,7 @@ def load(path: str | Path | None = None) -> MetaLearner:
     import skops.io
 
     # 1. The file exists and holds only trusted types.
-    path = Path(path) if path is not None else default_path()
+    path = Path(path) if path is not None else _default_for_reading()
     if not path.is_file():
         raise WorkbenchError(f"no trained meta-learner at {str(path)!r}: run `workbench learn` first "
                              "(or pass --learner-path)")
@@ -110,6 +127,7 @@ def load(path: str | Path | None = None) -> MetaLearner:
         setattr(learner, name, np.asarray(value) if name.startswith("leaf_") else value)
     if meta.get("training_table") is not None:
         learner.training_table_ = pd.DataFrame(meta["training_table"])
+        learner.range_ = TrainingRange.of(learner.training_table_)
     learner.feature_schema_ = meta["feature_schema"]
     return learner
 

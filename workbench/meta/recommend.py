@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,8 @@ from workbench.quality import LOSS_SCALES, loss_text
 NO_RUNS_HINT = ("run `workbench sweep` or import the seed with `workbench import data/seed/runs.parquet`")
 #: Columns of the training table kept inside a saved learner (for explanations and provenance).
 KEPT_COLUMNS = list(dict.fromkeys(["context", "model", "workload", "machine_id", "configuration", "lossless",
-                                   "n_runs", *FEATURE_NAMES, "log_speedup", "quality_loss"]))
+                                   "n_runs", *FEATURE_NAMES, "log_speedup", "quality_loss", "params", "draft",
+                                   *features.COST_COLUMNS]))
 
 
 def train(runs: pd.DataFrame, learner: str = "boosting", random_state: int = 0,
@@ -59,9 +61,15 @@ def train(runs: pd.DataFrame, learner: str = "boosting", random_state: int = 0,
     return fitted
 
 
+#: A candidate's applicability in the user's context: (candidate row, context overrides) -> why it cannot
+#: run there, or None. Built by ``commands.recommend_for`` from each technique's plan-time ``check``.
+Applicability = Callable[[Mapping[str, Any], Mapping[str, Any]], "str | None"]
+
+
 @dataclass
 class Recommendation:
-    """A recommendation with its prediction, uncertainty, reasons, counterfactual and fallback."""
+    """A recommendation with its prediction, uncertainty, reasons, counterfactual, fallback and the runs
+    that would settle it."""
 
     context: dict[str, Any]  # the context features it answers
     budget: str  # the quality budget as given
@@ -73,17 +81,31 @@ class Recommendation:
     fallback: bool  # the baseline was kept because no candidate was good and sure enough
     decision: str  # one sentence: why this choice
     best_candidate: str | None  # the best allowed candidate, even when the baseline was kept
-    reasons: list[str] = field(default_factory=list)  # the largest feature contributions, as sentences
+    reasons: list[str] = field(default_factory=list)  # why the explained candidate is predicted so, as sentences
     counterfactual: dict[str, Any] | None = None  # smallest actionable change that flips the choice
-    candidates: pd.DataFrame = field(default_factory=pd.DataFrame)  # every candidate's predictions
+    candidates: pd.DataFrame = field(default_factory=pd.DataFrame)  # every applicable candidate's predictions
     contributions: pd.DataFrame = field(default_factory=pd.DataFrame)  # of the explained candidate
+    inapplicable: pd.DataFrame = field(default_factory=pd.DataFrame)  # configuration, reason: refused here
+    out_of_range: list[str] = field(default_factory=list)  # how the context falls outside the training range
+    next_runs: list[dict[str, Any]] = field(default_factory=list)  # what to measure to decide (next_runs.py)
+    lossless: bool = False  # the recommended configuration promises identical outputs
+    plan_note: str | None = None  # what `--plan` wrote (commands.write_plan)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the fields above, candidates and contributions as lists of records."""
-        data = {k: v for k, v in self.__dict__.items() if k not in ("candidates", "contributions")}
-        data["candidates"] = self.candidates.to_dict(orient="records")
-        data["contributions"] = self.contributions.to_dict(orient="records")
+        """JSON-ready: the fields above, tables as lists of records."""
+        tables = ("candidates", "contributions", "inapplicable")
+        data = {k: v for k, v in self.__dict__.items() if k not in tables}
+        for name in tables:
+            data[name] = getattr(self, name).to_dict(orient="records")
         return data
+
+    def quality_text(self) -> str:
+        """The predicted quality of the recommendation in its modality's unit; lossless is zero by definition."""
+        if self.fallback or self.configuration == BASELINE_CONFIGURATION:
+            return "unchanged (the baseline)"
+        if self.lossless:
+            return "identical outputs (lossless: no quality loss by definition)"
+        return loss_text(self.predicted_quality_loss, str(self.context.get("modality")))
 
     def text(self) -> str:
         """Plain-text report for the terminal."""
@@ -91,62 +113,95 @@ class Recommendation:
         lines = [f"context: {c.get('model')} on {c.get('workload')} ({c.get('modality')}), "
                  f"{c.get('device')}/{c.get('dtype')}, machine {c.get('machine_id')}",
                  f"budget: {Budget.parse(self.budget).describe()}"]
+        if self.out_of_range:
+            lines.append("outside the training range (intervals widened, the baseline kept unless even the widened "
+                         "lower bound clears the +-2% band):")
+            lines += [f"  - {flag}" for flag in self.out_of_range]
         if self.fallback:
             lines.append(f"recommendation: baseline (fallback) - {self.decision}")
         else:
             lines.append(f"recommendation: {self.configuration}")
             lines.append(f"predicted speedup: {self.predicted_speedup:.2f}x (80% interval "
-                         f"{self.speedup_low:.2f}x - {self.speedup_high:.2f}x), predicted quality "
-                         f"{loss_text(self.predicted_quality_loss, str(c.get('modality')))}")
+                         f"{self.speedup_low:.2f}x - {self.speedup_high:.2f}x), predicted quality: {self.quality_text()}")
             lines.append("fallback: the baseline, if the measured speedup's interval does not clear the "
                          "+-2% band of no practical difference")
         explained = self.configuration if not self.fallback else self.best_candidate
         if explained:
-            lines.append(f"reasons ({explained}):")
+            lines.append(f"why ({explained}):")
             lines += [f"  - {reason}" for reason in self.reasons] or ["  - (no feature moved the prediction)"]
         lines.append("counterfactual: " + (self.counterfactual or {}).get("text", "none computed"))
+        if self.next_runs:
+            total = sum(run["minutes"] for run in self.next_runs)
+            lines.append(f"what to measure next (about {total:.0f} min; `--plan sweep.yaml` writes them for "
+                         "`workbench sweep`):")
+            lines += [f"  - {run['configuration']} (~{run['minutes']:.0f} min): {run['why']}" for run in self.next_runs]
+        if self.plan_note:
+            lines.append(self.plan_note)
         scale = LOSS_SCALES.get(str(c.get("modality")))
-        shown = self.candidates[["configuration", "allowed", "predicted_speedup", "speedup_low", "speedup_high",
-                                 "predicted_quality_loss"]] if not self.candidates.empty else self.candidates
-        if scale is not None and not shown.empty:  # the loss column names its unit
-            shown = shown.rename(columns={"predicted_quality_loss": f"predicted {scale.label}"})
-        lines.append("candidates:")
-        lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}") if not shown.empty
+        columns = ["configuration", "allowed", "predicted_speedup", "speedup_low", "speedup_high",
+                   "predicted_quality_loss"]
+        shown = self.candidates[columns] if not self.candidates.empty else self.candidates
+        if not shown.empty:
+            shown = shown.rename(columns={"predicted_speedup": "speedup", "speedup_low": "low", "speedup_high": "high"})
+            if scale is not None:  # the loss column names its unit
+                shown = shown.rename(columns={"predicted_quality_loss": scale.label})
+        lines.append("candidates (predicted; lossless ones lose nothing by definition):")
+        lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}") if not shown.empty
                      else "  (none)")
+        if not self.inapplicable.empty:
+            lines.append("not applicable here (refused by the technique's check before anything would load):")
+            lines += [f"  - {row.configuration}: {row.reason}" for row in self.inapplicable.itertuples()]
         return "\n".join(lines)
 
 
 def recommend(learner: MetaLearner, context: dict[str, Any], budget: str | Budget = "perplexity<=2%,accuracy<=1,ssim>=0.9",
-              min_speedup: float = 1.0 + MARGIN_PERCENT / 100.0) -> Recommendation:
-    """Predict every known configuration in ``context`` and choose under ``budget``.
+              min_speedup: float = 1.0 + MARGIN_PERCENT / 100.0, check: Applicability | None = None,
+              min_low: float | None = None) -> Recommendation:
+    """Predict every applicable known configuration in ``context`` and choose under ``budget``.
 
     Args:
         learner: a fitted learner from :func:`train` (or ``persist.load``).
         context: context features, from ``features.context_for(...)`` or a training row.
         budget: ``lossless``, ``any`` or clauses ``perplexity<=X%``, ``accuracy<=X``, ``ssim>=X``.
-        min_speedup: the lower bound a candidate must beat, else the baseline is kept (default: the edge of
-            the +-2% band of no practical difference).
+        min_speedup: the point prediction a candidate must beat, else the baseline is kept (default: the edge
+            of the +-2% band of no practical difference).
+        min_low: the floor on its interval's lower bound (default ``learner.MIN_LOW_SPEEDUP``).
+        check: the candidates' applicability here (see :data:`Applicability`); those it refuses are listed
+            in ``inapplicable`` with the reason and never scored. None: only the learner's own filters.
     """
-    # 1. Candidates for this context, predicted.
+    from workbench.meta import next_runs
+
+    # 1. Candidates for this context: applicable ones predicted, refused ones set apart with the reason.
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     rows = features.candidate_rows(context, pd.DataFrame(learner.candidates_))
+    refused = []
+    if check is not None and not rows.empty:
+        reasons_ = [check(row, {}) for row in rows.to_dict(orient="records")]
+        refused = [(c, r) for c, r in zip(rows["configuration"], reasons_) if r]
+        rows = rows[[r is None for r in reasons_]]
+    inapplicable = pd.DataFrame(refused, columns=["configuration", "reason"])
+    flags = learner.out_of_range(pd.DataFrame([context]))[0] if hasattr(learner, "range_") else []
     if rows.empty:
-        decision = decide(rows, budget)
+        why = (f"no configuration in the training data ran on {context.get('modality')} workloads"
+               if inapplicable.empty else "no measured configuration applies to this model and workload here")
         return Recommendation(context, budget.text, BASELINE_CONFIGURATION, 1.0, 1.0, 1.0, 0.0, True,
-                              f"no configuration in the training data ran on {context.get('modality')} "
-                              "workloads: keep the baseline; measure some with `workbench sweep`", None)
+                              f"{why}: keep the baseline; measure some with `workbench sweep`", None,
+                              inapplicable=inapplicable, out_of_range=flags)
     predicted = pd.concat([rows[["configuration", "lossless"]], learner.predict_frame(rows)], axis=1)
     predicted["allowed"] = budget.allowed(predicted, "predicted_quality_loss")
     predicted = predicted.sort_values("predicted_speedup", ascending=False)
     # 2. The decision, and the candidate it is about.
-    decision = decide(predicted, budget, min_speedup=min_speedup)
+    decision = decide(predicted, budget, min_speedup=min_speedup, min_low=min_low)
     allowed = predicted[predicted["allowed"]]
     best = allowed.index[0] if not allowed.empty else None
     explained = best if decision.fallback else predicted.index[predicted["configuration"] == decision.configuration][0]
-    # 3. Reasons and a counterfactual.
+    # 3. Reasons, a counterfactual, and the runs that would settle it.
     parts = explain.contributions(learner, rows.loc[[explained]]) if explained is not None else pd.DataFrame()
-    flip = explain.counterfactual(learner, rows, budget, decision)
+    flip = explain.counterfactual(learner, rows, budget, decision, check=check, min_speedup=min_speedup,
+                                  min_low=min_low)
     chosen = predicted.loc[explained] if not decision.fallback else None
+    why = explain.reasons(parts, learner, rows.loc[explained], predicted.loc[explained]) if explained is not None \
+        and not parts.empty else []
     return Recommendation(
         context=dict(context), budget=budget.text, configuration=decision.configuration,
         predicted_speedup=float(chosen["predicted_speedup"]) if chosen is not None else 1.0,
@@ -155,7 +210,8 @@ def recommend(learner: MetaLearner, context: dict[str, Any], budget: str | Budge
         predicted_quality_loss=float(chosen["predicted_quality_loss"]) if chosen is not None else 0.0,
         fallback=decision.fallback, decision=decision.reason,
         best_candidate=str(predicted.loc[best, "configuration"]) if best is not None else None,
-        reasons=explain.reasons(parts) if not parts.empty else [], counterfactual=flip,
-        candidates=predicted.reset_index(drop=True), contributions=parts,
+        reasons=why, counterfactual=flip, candidates=predicted.reset_index(drop=True), contributions=parts,
+        inapplicable=inapplicable, out_of_range=flags,
+        next_runs=next_runs.runs_to_decide(learner, rows, predicted, decision, min_speedup),
+        lossless=bool(chosen["lossless"]) if chosen is not None else False,
     )
-
