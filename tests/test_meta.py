@@ -286,7 +286,9 @@ def test_prior_is_the_shrunk_configuration_mean(runs: pd.DataFrame) -> None:
 
 def test_seed_learner_reports_the_gap_it_closes(tmp_path: Path, cli_env: dict, workbench_cmd: list) -> None:
     """The issue's acceptance on the shipped seed: import it, `workbench learn`; the gap closed is printed
-    per grouping, and each verdict says plainly whether it meets the 70% target or by how much it falls short."""
+    per grouping, and each verdict says plainly whether it meets the 70% target or by how much it falls short.
+    The glass-box tree keeps this within the test budget (the boosting learner's evaluation of the seed
+    takes about 2.5 minutes: its figures are in data/seed/README.md, from `workbench learn`)."""
     import re
 
     seed = Path(__file__).resolve().parents[1] / "data" / "seed" / "runs.parquet"
@@ -294,12 +296,12 @@ def test_seed_learner_reports_the_gap_it_closes(tmp_path: Path, cli_env: dict, w
     imported = subprocess.run([*workbench_cmd, "import", str(seed), "--store", store], env=cli_env,
                               capture_output=True, text=True, timeout=300)
     assert imported.returncode == 0, imported.stderr
-    done = subprocess.run([*workbench_cmd, "learn", "--store", store], env=cli_env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run([*workbench_cmd, "learn", "--store", store, "--learner", "tree"], env=cli_env,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "seed.learner.skops").is_file()  # beside the store it learned from, not in the checkout
     verdicts = {m.group(1): (float(m.group(2)), m.group(3)) for m in re.finditer(
-        r"leaving one (model|workload|hardware) out: meta-learner \(boosting\) closes (-?\d+)% of the "
+        r"leaving one (model|workload|hardware) out: meta-learner \(tree\) closes (-?\d+)% of the "
         r"single-best-to-oracle gap, (meets the 70% target|falls short of the 70% target by \d+ points)", done.stdout)}
     assert set(verdicts) == {"model", "workload", "hardware"}, done.stdout
     for grouping, (percent, verdict) in verdicts.items():
@@ -308,9 +310,9 @@ def test_seed_learner_reports_the_gap_it_closes(tmp_path: Path, cli_env: dict, w
         else:
             short = int(re.search(r"by (\d+) points", verdict).group(1))
             assert abs(short - (70 - percent)) <= 1, (grouping, percent, verdict)
-    assert "leaving one machine out: meta-learner (boosting) gap closed n/a" in done.stdout  # one machine only
+    assert "leaving one machine out: meta-learner (tree) gap closed n/a" in done.stdout  # one machine only
     table = done.stdout.split("gap closed (ASlib")[0]
-    coverage = [float(x) for x in re.findall(r"meta-learner \(boosting\)\s+(?:\S+\s+){5}(\d\.\d{3})", table)]
+    coverage = [float(x) for x in re.findall(r"meta-learner \(tree\)\s+(?:\S+\s+){5}(\d\.\d{3})", table)]
     assert len(coverage) == 3 and all(0.0 <= c <= 1.0 for c in coverage), table
 
 

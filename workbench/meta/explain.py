@@ -288,7 +288,7 @@ def counterfactual(learner: MetaLearner, rows: pd.DataFrame, budget: Budget, cur
     drafting candidate's draft cost ratio), the values the training runs of this modality took, nearest
     first (by ``|log(new / old)|``), then the multipliers of ``ACTIONABLE_CHANGES`` beyond them. A change
     is kept only when the new choice still passes ``check`` (the technique's plan-time applicability, e.g.
-    speculative decoding refuses a batch of 4): otherwise the next-best candidate is chosen. When no change
+    a drafting technique may refuse a batch of 4): otherwise the next-best candidate is chosen. When no change
     flips the decision, the change that brings the best allowed candidate's lower bound closest to the
     baseline is returned instead, with ``flips`` False and how far it still falls short.
 

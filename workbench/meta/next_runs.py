@@ -14,7 +14,7 @@ technique at the predicted speedup, over warm-up and repeats, plus a fixed allow
 preparing (``OVERHEAD_S``). It is an estimate, said to be one.
 
 Example:
-    >>> runs = [{"technique": "speculative", "params": {"prompt_lookup_num_tokens": 3}, "draft": None}]
+    >>> runs = [{"technique": "my_technique", "params": {"tokens": 3}, "draft": None}]
     >>> print(sweep_yaml(runs, {"model": "zoo:code-wide", "workload": {"name": "code-prompts", "max_items": 4},
     ...                         "device": "cpu", "dtype": "float32", "threads": 2}).splitlines()[3])
     models: [zoo:code-wide]

@@ -207,7 +207,7 @@ def recommendations(runs: pd.DataFrame, budget: str, learner: str = "boosting") 
         })
     note = (f"Meta-learner ({learner}) trained on {len(fitted.provenance_['run_ids'])} runs in this window, "
             f"{len(table)} (context, configuration) pairs; budget {Budget.parse(budget).describe()}. "
-            + held_out_note(table, budget, learner))
+            + held_out_note(features.training_table(features.run_features(runs)), budget, learner))
     return {"table": pd.DataFrame(rows, columns=columns), "note": note, "learner": fitted}
 
 
