@@ -202,9 +202,13 @@ def _score_group(train: pd.DataFrame, test: pd.DataFrame, budget: Budget, learne
     fitted = {f"meta-learner ({kind})": fit(learner=kind) for kind in learners} if len(train) >= 2 else {}
     plain = fit(prior="none", per_technique=False) if len(train) >= 2 else None
     scores, coverage = [], []
-    # 2. Every learner's interval on every measured configuration of the held-out contexts.
-    for policy, model in fitted.items():
-        frame = model.predict_frame(test[list(FEATURE_NAMES)])  # the intervals a user sees (widened out of range)
+    # 2. Each learner predicts the held-out rows once: its interval on every measured configuration (the
+    # intervals a user sees, widened out of range), and its choices below.
+    predicted = {policy: _predicted(model, test) for policy, model in fitted.items()}
+    if plain is not None:
+        predicted["plain_boosting"] = _predicted(plain, test)
+    for policy in fitted:
+        frame = predicted[policy]
         low, high = np.log(frame["speedup_low"].to_numpy()), np.log(frame["speedup_high"].to_numpy())
         inside = (test["log_speedup"].to_numpy() >= low) & (test["log_speedup"].to_numpy() <= high)
         coverage += [dict(policy=policy, context=c, configuration=k, measured_log_speedup=m, low=lo, high=hi,
@@ -213,11 +217,12 @@ def _score_group(train: pd.DataFrame, test: pd.DataFrame, budget: Budget, learne
     # 3. Score every policy on every held-out context.
     for context, rows in test.groupby("context"):
         oracle_choice, oracle_speedup = oracle(rows, budget)
-        choices: dict[str, Any] = {policy: learner_choice(m, rows, budget) for policy, m in fitted.items()}
+        choices: dict[str, Any] = {policy: decide(predicted[policy].loc[rows.index], budget).configuration
+                                   for policy in fitted}
         choices[SINGLE_BEST] = best_on_average_choice(train, rows, budget)
         choices["expert_rules"] = expert_choice(rows, budget)
         if plain is not None:
-            choices["plain_boosting"] = learner_choice(plain, rows, budget)
+            choices["plain_boosting"] = decide(predicted["plain_boosting"].loc[rows.index], budget).configuration
         for policy, choice in choices.items():
             achieved, violation = achieved_speedup(rows, choice, budget)
             scores.append(dict(context=context, policy=policy, correct=float(choice == oracle_choice),
@@ -276,11 +281,15 @@ def tied_with_oracle(rows: pd.DataFrame, choice: str, oracle_choice: str, budget
     return abs(best[0] - chosen[0]) <= 1.96 * math.hypot(best[1], chosen[1])
 
 
+def _predicted(learner: MetaLearner, rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows``' configurations with the learner's predictions, what :func:`decide` chooses from."""
+    return pd.concat([rows[["configuration", "lossless"]], learner.predict_frame(rows[[*FEATURE_NAMES, "lossless"]])],
+                     axis=1)
+
+
 def learner_choice(learner: MetaLearner, rows: pd.DataFrame, budget: Budget) -> str:
     """The meta-learner's pick among the configurations measured in one context."""
-    predicted = pd.concat([rows[["configuration", "lossless"]],
-                           learner.predict_frame(rows[[*FEATURE_NAMES, "lossless"]])], axis=1)
-    return decide(predicted, budget).configuration
+    return decide(_predicted(learner, rows), budget).configuration
 
 
 def best_on_average_choice(train: pd.DataFrame, rows: pd.DataFrame, budget: Budget) -> str:

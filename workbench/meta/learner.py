@@ -275,9 +275,9 @@ class MetaLearner(RegressorMixin, BaseEstimator):
                                   weight[techniques == name])
             for name in sorted(set(techniques))
             if self.per_technique and int((techniques == name).sum()) >= MIN_ROWS_PER_TECHNIQUE}
-        self._rows = int(known.sum())
         if self.learner == "boosting":
-            self.quality_model_ = self._booster().fit(*self._quality_rows(matrix, known, quality, weight))
+            self.quality_model_ = self._booster(int(known.sum())).fit(*self._quality_rows(matrix, known, quality,
+                                                                                          weight))
         else:
             self.quality_model_ = self._tree(max(self._depth - 1, 1)).fit(
                 *self._quality_rows(matrix, known, quality, weight))
@@ -288,10 +288,11 @@ class MetaLearner(RegressorMixin, BaseEstimator):
         self.range_ = TrainingRange.of(X)
         return self
 
-    def _booster(self, **loss: Any) -> GradientBoostingRegressor:
+    def _booster(self, rows: int, **loss: Any) -> GradientBoostingRegressor:
+        """A booster for ``rows`` training rows (row subsampling from 20 rows on)."""
         return GradientBoostingRegressor(
             n_estimators=self.n_estimators, max_depth=self._depth, learning_rate=self.learning_rate,
-            min_samples_leaf=self._leaf, subsample=0.8 if self._rows >= 20 else 1.0,
+            min_samples_leaf=self._leaf, subsample=0.8 if rows >= 20 else 1.0,
             random_state=self.random_state, **loss)
 
     def _tree(self, depth: int) -> DecisionTreeRegressor:
@@ -300,12 +301,13 @@ class MetaLearner(RegressorMixin, BaseEstimator):
     def _fit_speed(self, matrix: np.ndarray, target: np.ndarray, weight: np.ndarray) -> dict[str, Any]:
         """The speed models on these rows: point, low and high (boosting: quantile boosters; tree: the spread
         of the targets in each leaf)."""
-        self._rows = len(target)
+        rows = len(target)
         if self.learner == "boosting":
-            return {"point": self._booster().fit(matrix, target, sample_weight=weight),
-                    "low": self._booster(loss="quantile", alpha=self.quantile).fit(matrix, target, sample_weight=weight),
-                    "high": self._booster(loss="quantile", alpha=1 - self.quantile).fit(matrix, target,
-                                                                                        sample_weight=weight)}
+            return {"point": self._booster(rows).fit(matrix, target, sample_weight=weight),
+                    "low": self._booster(rows, loss="quantile", alpha=self.quantile).fit(matrix, target,
+                                                                                         sample_weight=weight),
+                    "high": self._booster(rows, loss="quantile", alpha=1 - self.quantile).fit(matrix, target,
+                                                                                              sample_weight=weight)}
         tree = self._tree(self._depth).fit(matrix, target, sample_weight=weight)
         leaves = tree.apply(matrix)
         ids = np.unique(leaves)
