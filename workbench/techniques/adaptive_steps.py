@@ -274,6 +274,7 @@ class AdaptiveSteps(Technique):
     """Per-prompt diffusion step counts: a StepSaver-style predictor, or convergence-based stopping."""
 
     name = "adaptive_steps"
+    title = "adaptive diffusion steps"
     applies_to = ("diffusion",)
     description = ("fewer diffusion steps per prompt: a predictor trained on your own step sweep, or stop "
                    "when the predicted clean image converges; SSIM vs a 100-step reference")

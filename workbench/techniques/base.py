@@ -215,11 +215,34 @@ class Technique(ABC):
     params: ClassVar[dict[str, Param]] = {}  # accepted parameters
     takes_draft: ClassVar[bool] = False  # True when a draft model may be given with --draft
     description: ClassVar[str] = ""  # one line for `workbench techniques` and for reports' labels
+    title: ClassVar[str] = ""  # the human name in reports and panels ("" -> the name with spaces)
     examples: ClassVar[tuple[dict[str, Any], ...]] = ()  # runnable settings on the zoo: model, workload,
     # draft, params; the contract test runs each one end to end, and docs show them
 
     def __init__(self, **params: Any) -> None:
         self.config = self.check_params(params)
+
+    # -- naming ------------------------------------------------------------------------------
+    @classmethod
+    def display_name(cls, params: dict[str, Any], draft: str | None = None) -> str:
+        """A configuration's name for people: the title, then its non-default settings in words.
+
+        Techniques override it for their key settings (prompt lookup (6 tokens)); the default needs none.
+
+        Example:
+            >>> from workbench.techniques import get
+            >>> get("early_exit").display_name({"threshold": 0.9})
+            'early exit (threshold 0.9)'
+        """
+        parts = ([f"draft {draft}"] if draft else []) + cls.settings_words(params)
+        title = cls.title or cls.name.replace("_", " ")
+        return f"{title} ({', '.join(parts)})" if parts else title
+
+    @classmethod
+    def settings_words(cls, params: dict[str, Any]) -> list[str]:
+        """The settings that differ from their defaults, in words: ``["threshold 0.9"]``."""
+        return [f"{key.replace('_', ' ')} {value}" for key, value in sorted(params.items())
+                if value is not None and (key not in cls.params or str(value) != str(cls.params[key].default))]
 
     # -- validation --------------------------------------------------------------------------
     @classmethod

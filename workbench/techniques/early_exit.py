@@ -278,6 +278,7 @@ class EarlyExit(Technique):
     name = "early_exit"
     applies_to = ("classifier", "causal_lm")
     description = "stop at the first layer that is sure enough (exit heads per layer, threshold curve in prepare)"
+    title = "early exit"
     examples = (
         {"model": "zoo:code-classifier", "workload": "code-snippets",
          "params": {"thresholds": "0.5,0.9", "train_steps": 50, "curve_repeats": 1}},

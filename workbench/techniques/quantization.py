@@ -48,6 +48,16 @@ class Quantization(Technique):
     name = "quantization"
     applies_to = ("causal_lm", "classifier")
     description = "int8/int4/fp16 copy of the model with a well-kept library; quality measured beside speed"
+    title = "quantization"
+
+    @classmethod
+    def display_name(cls, params: dict[str, Any], draft: str | None = None) -> str:
+        """``int8 dynamic quantization``, ``bf16 weights``, ``int8 dynamic quantization (keep float auto)``."""
+        scheme = str(params.get("scheme") or cls.params["scheme"].default)
+        name = (f"{scheme} weights" if scheme in WHOLE_MODEL_CASTS
+                else f"{scheme.replace('bnb-', 'bitsandbytes ').replace('-', ' ')} quantization")
+        rest = cls.settings_words({k: v for k, v in params.items() if k != "scheme"})
+        return f"{name} ({', '.join(rest)})" if rest else name
     examples = (
         {"model": "zoo:code-target", "workload": "code-prompts", "params": {"scheme": "int8-dynamic"}},
         {"model": "zoo:code-classifier", "workload": "code-snippets", "params": {"scheme": "int8-dynamic"}},

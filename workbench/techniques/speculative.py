@@ -64,6 +64,22 @@ class Speculative(Technique):
     applies_to = ("causal_lm",)
     takes_draft = True
     description = "a draft model, prompt n-grams or the target's first layers propose tokens; the target verifies them in one pass"
+    title = "speculative decoding"
+
+    @classmethod
+    def display_name(cls, params: dict[str, Any], draft: str | None = None) -> str:
+        """``prompt lookup (6 tokens)``, ``self-speculation (first 2 layers)``, ``speculative decoding (draft
+        zoo:code-draft)``; other non-default settings follow in words."""
+        rest = dict(params)
+        lookup, layers = rest.pop("prompt_lookup_num_tokens", None), rest.pop("draft_layers", None)
+        if lookup is not None:
+            name, first = "prompt lookup", [f"{lookup} tokens"]
+        elif layers is not None:
+            name, first = "self-speculation", [f"first {layers} layer{'' if str(layers) == '1' else 's'}"]
+        else:
+            name, first = "speculative decoding", [f"draft {draft}"] if draft else []
+        parts = first + cls.settings_words(rest)
+        return f"{name} ({', '.join(parts)})" if parts else name
     examples = (
         {"model": "zoo:code-target", "draft": "zoo:code-draft", "workload": "code-prompts",
          "params": {"num_assistant_tokens": 4}},
