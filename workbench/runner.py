@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -241,8 +242,12 @@ def plan(spec: RunSpec) -> Plan:
 
 
 def execute(plan_: Plan, environment: dict[str, Any] | None = None, progress: bool = True,
-            wait_quiet_s: float = 0.0) -> RunResult:
+            wait_quiet_s: float = 0.0, on_calls: Callable[[int, int], None] | None = None) -> RunResult:
     """Run one planned comparison; failures come back as a failed RunResult, never as an exception.
+
+    ``on_calls(done, total)`` is called once the models are loaded (``done`` 0) and after every warm-up
+    and timed call, ``total`` being all of them (both variants); the worker forwards it to the compare
+    panel's progress bar.
 
     Contention is measured before and during the run (:class:`workbench.noise.NoiseMonitor`) and
     stored with it; without ``spec.threads`` torch gets the cores other processes leave free (said so
@@ -276,7 +281,7 @@ def execute(plan_: Plan, environment: dict[str, Any] | None = None, progress: bo
                        model_digest=facts.model.digest, draft_name=facts.draft.name if facts.draft else None)
     technique, baseline = plan_.technique, Baseline()
     try:
-        _measure(plan_, technique, baseline, result, progress)
+        _measure(plan_, technique, baseline, result, progress, on_calls)
     except Exception as exc:  # a failing trial is data: keep the reason, go on
         result.status = "failed"
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -313,7 +318,8 @@ def build_trial(plan_: Plan, model: LoadedModel | None = None, draft: LoadedMode
                  batches=batches, calibration=calibration)
 
 
-def _measure(plan_: Plan, technique: Technique, baseline: Baseline, result: RunResult, progress: bool) -> None:
+def _measure(plan_: Plan, technique: Technique, baseline: Baseline, result: RunResult, progress: bool,
+             on_calls: Callable[[int, int], None] | None = None) -> None:
     import torch
 
     spec = plan_.spec
@@ -337,11 +343,21 @@ def _measure(plan_: Plan, technique: Technique, baseline: Baseline, result: RunR
     def reseed(variant: str, item: int) -> None:
         torch.manual_seed(spec.seed * 1_000_003 + item)
 
-    # 3. Warm-up, then interleaved timed calls.
+    # 3. Warm-up, then interleaved timed calls (counted for the bar and for ``on_calls``).
     total = (spec.warmup + spec.repeats) * len(batches) * len(calls)
+    done = 0
     with _progress(total, f"{spec.technique.name} vs baseline", progress) as bar:
+        def advance(calls_finished: int) -> None:
+            nonlocal done
+            done += calls_finished
+            bar.update(calls_finished)
+            if on_calls is not None:
+                on_calls(done, total)
+
+        if on_calls is not None:
+            on_calls(0, total)
         measured = run_interleaved(calls, len(batches), spec.repeats, spec.warmup, spec.device,
-                                   before_call=reseed, on_progress=bar.update)
+                                   before_call=reseed, on_progress=advance)
     # 3b. A sampling technique is judged by distribution, never by token identity: more samples of both
     #     variants per input, untimed, compared under the target (see workbench.sampled_quality).
     sampled = None

@@ -60,6 +60,8 @@ STARTUP_TIMEOUT_S = 300.0
 PRELOAD_MODULES = ["torch", "transformers", "transformers.modeling_utils", "transformers.generation",
                    "workbench.runner", "workbench.techniques"]
 _READY = b"ready"  # the worker's first message: imports and plan done, the run starts
+_CALLS = b"calls:"  # b"calls:12/40": timed calls done of all (only to an IsolatedRun, which asked for them)
+CALLS_EVERY_S = 0.25  # the fewest seconds between two progress messages (the last call is always sent)
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,11 @@ def _failed_result(spec: RunSpec, facts: dict[str, Any], reason: str, environmen
 
 
 def _worker_main(plan_json: str, index: int, max_memory_bytes: int | None, parent_started_at: float,
-                 sender: Any, parent: dict[str, Any] | None = None) -> None:
-    """The worker's entry point: limits, imports, the parent's plan, (fault), execute, send the row as JSON."""
+                 sender: Any, parent: dict[str, Any] | None = None, report_calls: bool = False) -> None:
+    """The worker's entry point: limits, imports, the parent's plan, (fault), execute, send the row as JSON.
+
+    ``report_calls`` (an :class:`IsolatedRun` sets it; :func:`run_isolated` does not) also sends throttled
+    ``b"calls:DONE/TOTAL"`` messages while measuring, before the row."""
     # 1. Ctrl-C reaches the whole terminal process group: the parent decides, the worker ignores it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent is not None:  # the parent's environment and directory now, not the forkserver's at its start
@@ -239,7 +244,7 @@ def _worker_main(plan_json: str, index: int, max_memory_bytes: int | None, paren
         sender.send_bytes(_READY)
         # 3. The testing aid, then the run itself (execute turns exceptions into a failed result).
         _inject_fault(index, spec.key())
-        result = runner.execute(planned, progress=False)
+        result = runner.execute(planned, progress=False, on_calls=_calls_sender(sender) if report_calls else None)
         if result.status == "failed" and _is_memory_error(result.failure_reason, result.internals):
             result.failure_reason = _memory_reason(max_memory_bytes, result.failure_reason)
         result.internals["worker"] = {"pid": os.getpid(), "startup_s": startup_s}
@@ -257,6 +262,34 @@ def _worker_main(plan_json: str, index: int, max_memory_bytes: int | None, paren
 
     sender.send_bytes(to_json(row, "row").encode("utf-8"))
     sender.close()
+
+
+def _calls_sender(sender: Any) -> Any:
+    """An ``on_calls(done, total)`` that sends ``b"calls:done/total"`` at most every ``CALLS_EVERY_S``
+    (plus the first and the last), so a fast run does not flood the pipe."""
+    last_sent_s = -float("inf")
+
+    def send(done: int, total: int) -> None:
+        nonlocal last_sent_s
+        now = time.perf_counter()
+        if done in (0, total) or now - last_sent_s >= CALLS_EVERY_S:
+            sender.send_bytes(_CALLS + f"{done}/{total}".encode("ascii"))
+            last_sent_s = now
+
+    return send
+
+
+def parse_calls(message: bytes) -> tuple[int, int] | None:
+    """(done, total) of a progress message, None for any other message.
+
+    Example:
+        >>> parse_calls(b"calls:12/40"), parse_calls(b"ready")
+        ((12, 40), None)
+    """
+    if not message.startswith(_CALLS):
+        return None
+    done, _, total = message[len(_CALLS):].decode("ascii").partition("/")
+    return int(done), int(total)
 
 
 def _is_memory_error(reason: str | None, internals: dict[str, Any]) -> bool:
@@ -359,7 +392,9 @@ class IsolatedRun:
     The same worker and the same rows as :func:`run_isolated`, but the caller polls: :meth:`poll`
     returns None while the run goes on and the finished store row afterwards (a failed row when the
     worker died, timed out or was stopped with :meth:`kill`). ``phase`` says where the run is:
-    ``"starting"`` (spawn, imports, plan), ``"running"`` (measuring), then ``"done"``.
+    ``"starting"`` (spawn, imports, plan), ``"running"`` (loading, then measuring), then ``"done"``;
+    ``calls_done`` of ``calls_total`` timed calls (warm-up included) have finished (both None until the
+    models are loaded and the worker has counted them).
 
     Example:
         >>> job = IsolatedRun(plan(spec), WorkerLimits(timeout_s=120))  # doctest: +SKIP
@@ -377,12 +412,14 @@ class IsolatedRun:
         self.started_at_s = time.perf_counter()
         self.running_since_s: float | None = None  # perf_counter() when the worker reported ready
         self.row: dict[str, Any] | None = None
+        self.calls_done: int | None = None  # warm-up and timed calls finished, from the worker's messages
+        self.calls_total: int | None = None  # all of them, both variants
         context = worker_context()
         self._receiver, sender = context.Pipe(duplex=False)
         self._process = context.Process(
             target=_worker_main, name=f"workbench-run-{index}", daemon=True,
             args=(json.dumps(plan_.to_dict()), index, limits.max_memory_bytes, time.time(), sender,
-                  _parent_state()))
+                  _parent_state(), True))
         self._process.start()
         sender.close()
 
@@ -400,15 +437,19 @@ class IsolatedRun:
         if self.row is not None:
             return self.row
         now = time.perf_counter()
-        # 1. A message: the ready signal or the row; EOF means the worker died.
-        if self._receiver.poll(0):
+        # 1. Every waiting message: the ready signal, progress, then the row; EOF means the worker died.
+        while self._receiver.poll(0):
             try:
                 message = self._receiver.recv_bytes()
             except (EOFError, OSError):
                 message = None
             if message == _READY:
                 self.phase, self.running_since_s = "running", now
-                return None
+                continue
+            calls = parse_calls(message) if message is not None else None
+            if calls is not None:
+                self.calls_done, self.calls_total = calls
+                continue
             if message is not None:
                 row = json.loads(message.decode("utf-8"))
                 row.setdefault("internals", {}).setdefault("worker", {})["wall_s"] = self.elapsed_s
