@@ -1,4 +1,4 @@
-"""Shared plumbing of the panels: opening the store, showing figures and errors in an Output widget.
+"""Shared plumbing of the panels: opening the store, showing figures, error lines and tables.
 
 Output widgets are written through their ``outputs`` trait (never ``with output:``), which works the
 same from a background thread, from a test without a kernel, and in JupyterLab.
@@ -44,18 +44,38 @@ def show(output: W.Output, *items: dict[str, Any], clear: bool = False) -> None:
     output.outputs = (() if clear else tuple(output.outputs)) + tuple(items)
 
 
-def show_error(output: W.Output, where: str, exc: BaseException) -> str:
-    """One red error line in ``output`` (the traceback's tail kept in a collapsed block); returns the line."""
-    line = f"error in {where}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+def error_text(where: str, exc: BaseException) -> str:
+    """The one line an error is shown as: ``error in Run: ModelLoadError: unknown zoo model 'nope'; ...``."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"error in {where}: {type(exc).__name__}: {detail}" if detail else f"error in {where}: {type(exc).__name__}"
+
+
+def error_html(line: str, exc: BaseException) -> str:
+    """The line in red, its traceback's tail folded under it (closed)."""
     tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-4:])
-    show(output, html_bundle(f"<div class='workbench-error' style='color:#b00020'><b>{html.escape(line)}</b>"
-                             f"<details><summary>traceback</summary><pre>{html.escape(tail)}</pre></details></div>",
-                             line))
+    return (f"<div class='workbench-error' style='color:#b00020'><b>{html.escape(line)}</b>"
+            f"<details><summary>traceback</summary><pre>{html.escape(tail)}</pre></details></div>")
+
+
+def error_line() -> W.HTML:
+    """The panel's error line, placed right beside the button that failed; empty until an error."""
+    return W.HTML(value="", layout=W.Layout(max_width="900px"))
+
+
+def show_error(target: W.HTML | W.Output, where: str, exc: BaseException) -> str:
+    """Show one red error line in ``target`` and return the line: an error line (:func:`error_line`,
+    replaced: only the latest error shows) or an Output (appended)."""
+    line = error_text(where, exc)
+    if isinstance(target, W.Output):
+        show(target, html_bundle(error_html(line, exc), line))
+    else:
+        target.value = error_html(line, exc)
     return line
 
 
 def shows_errors(where: str) -> Callable:
-    """Decorator for panel callbacks: an exception becomes an error line in ``self.output`` and ``self.errors``."""
+    """Decorator for panel callbacks: an exception becomes the panel's error line (``self.error``, beside
+    its buttons) and an entry of ``self.errors``, instead of vanishing into the kernel log."""
 
     def wrap(method: Callable) -> Callable:
         @functools.wraps(method)
@@ -63,7 +83,10 @@ def shows_errors(where: str) -> Callable:
             try:
                 return method(self, *args, **kwargs)
             except Exception as exc:  # a callback's exception would otherwise vanish into the kernel log
-                self.errors.append(show_error(self.output, where, exc))
+                self.errors.append(show_error(self.error, where, exc))
+                failed = getattr(self, "_after_error", None)
+                if failed is not None:
+                    failed(where)
                 return None
 
         return safe
@@ -71,6 +94,10 @@ def shows_errors(where: str) -> Callable:
     return wrap
 
 
-def table_html(frame: Any, css_class: str) -> str:
-    """A DataFrame as an escaped HTML table with a class the tests and the browser can find."""
-    return frame.to_html(index=False, escape=True, na_rep="-", classes=[css_class], border=0)
+def table_html(frame: Any, css_class: str, max_width_px: int = 900) -> str:
+    """A DataFrame as an escaped HTML table with a class the tests and the browser can find, no wider
+    than ``max_width_px`` (its cells wrap instead of widening it)."""
+    table = frame.to_html(index=False, escape=True, na_rep="-", classes=[css_class], border=0)
+    return (f"<style>table.{css_class} td, table.{css_class} th {{white-space: normal; padding: 2px 8px; "
+            f"text-align: left; vertical-align: top}}</style>"
+            f"<div style='max-width:{max_width_px}px; overflow-x:auto'>{table}</div>")

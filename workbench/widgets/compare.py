@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import html
-import math
 import os
 import threading
 import time
@@ -26,7 +25,8 @@ from typing import Any
 
 import ipywidgets as W
 
-from workbench.widgets._common import figure_bundle, open_store, show, show_error, shows_errors, table_html
+from workbench.widgets._common import (error_line, figure_bundle, open_store, show, show_error, shows_errors,
+                                       table_html)
 
 _DEFAULT = "(default)"
 _STYLE = {"description_width": "150px"}
@@ -83,10 +83,12 @@ class ComparePanel:
 
     Attributes a test (or a notebook) drives: ``model``, ``workload``, ``technique``, ``param_widgets``
     (name -> control of the chosen technique), ``draft``, ``repeats``, ``max_items``, ``max_new_tokens``,
-    ``steps``, ``device``, ``dtype``, ``run_button``, ``stop_button``, ``progress``, ``status``,
-    ``table`` (HTML of the side-by-side table), ``output`` (figures and error lines); after a run
-    ``last_row`` (the stored row), ``last_result`` (a RunResult), ``figures`` (name -> plotly Figure),
-    ``history`` (every finished run) and ``errors`` (error lines shown).
+    ``steps``, ``device``, ``dtype``, ``run_button``, ``stop_button``, ``progress`` (calls done of all),
+    ``status`` and ``error`` (the latest error line), both right under the buttons, ``table`` (HTML of the
+    side-by-side table), ``output`` (figures); after a run ``last_row`` (the stored row), ``last_result``
+    (a RunResult), ``figures`` (name -> plotly Figure), ``history`` (every finished run) and ``errors``
+    (every error line shown). Pressing Run, or changing any setting, clears the previous run's table and
+    figures, so what is shown always belongs to the settings shown.
     """
 
     def __init__(self, store: Any = None, model: str | None = None, workload: str = "code-prompts",
@@ -110,7 +112,7 @@ class ComparePanel:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stop_requested = False
-        self._expected_run_s = 20.0  # progress-bar pace; replaced by the last run's measured time
+        self._building = True  # presetting the controls is not a change of settings
         # 1. Controls.
         models = model_choices()
         self.model = W.Combobox(value=model or (models[0] if models else ""), options=models, ensure_option=False,
@@ -136,23 +138,30 @@ class ComparePanel:
         self.params_box = W.VBox()
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
-        self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="progress", style=_STYLE)
-        self.status = W.HTML(value="ready")
-        self.table = W.HTML(value="")
+        self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, layout=W.Layout(width="300px"))
+        self.status = W.HTML(value="ready: press Run")
+        self.error = error_line()
+        self.table = W.HTML(value="", layout=W.Layout(max_width="900px"))
         self.output = W.Output()
-        # 2. Wiring.
+        # 2. Wiring: Run and Stop, the technique's own controls, and every setting clears old results.
         self.technique.observe(self._on_technique, names="value")
         self.run_button.on_click(self._on_run)
         self.stop_button.on_click(self._on_stop)
         self._on_technique({"new": technique})
         for key, value in (params or {}).items():
             self.param_widgets[key].value = value
+        for control in (self.model, self.workload, self.technique, self.draft, self.repeats, self.max_items,
+                        self.max_new_tokens, self.steps, self.device, self.dtype):
+            control.observe(self._on_setting, names="value")
+        self._building = False
+        # 3. Layout: the status and the error line directly under the buttons, results below them.
         self.widget = W.VBox([
             W.HTML("<b>workbench: compare a technique with the baseline</b>"),
             self.model, self.workload, self.technique, self.params_box, self.draft,
             W.HBox([self.repeats, self.max_items]), W.HBox([self.max_new_tokens, self.steps]),
-            W.HBox([self.device, self.dtype]), W.HBox([self.run_button, self.stop_button]),
-            self.progress, self.status, self.table, self.output,
+            W.HBox([self.device, self.dtype]),
+            W.HBox([self.run_button, self.stop_button, self.progress]), self.status, self.error,
+            self.table, self.output,
         ])
 
     # -- display ---------------------------------------------------------------------------------
@@ -166,8 +175,31 @@ class ComparePanel:
 
         cls = techniques.get(change["new"])
         self.param_widgets = {name: param_widget(name, p) for name, p in cls.params.items()}
+        for control in self.param_widgets.values():
+            control.observe(self._on_setting, names="value")
         self.params_box.children = [W.HTML(f"<i>{html.escape(cls.description)}</i>"), *self.param_widgets.values()]
         self.draft.layout.display = None if cls.takes_draft else "none"
+
+    def _on_setting(self, _change: Any = None) -> None:
+        """A setting changed: the shown results no longer describe the settings, so they go."""
+        if self._building or self.running:
+            return
+        self.clear_results()
+        self.progress.value, self.progress.bar_style = 0.0, ""
+        self.status.value = "settings changed: press Run"
+
+    def clear_results(self) -> None:
+        """Remove the previous run's table, figures and error line (``last_result`` keeps its data)."""
+        self.table.value, self.error.value = "", ""
+        self.figures = {}
+        show(self.output, clear=True)
+
+    def _after_error(self, where: str) -> None:
+        """After an error line: nothing stale stays on screen, and the status points at the line."""
+        self.table.value, self.figures = "", {}
+        show(self.output, clear=True)
+        self.progress.value, self.progress.bar_style = 0.0, "danger"
+        self.status.value = f"error in {where}: see the line below, fix it and press Run"
 
     def params(self) -> dict[str, Any]:
         """The chosen technique's parameters that differ from their defaults."""
@@ -206,6 +238,7 @@ class ComparePanel:
         if self.running:
             self.status.value = "a run is in progress: wait for it or press Stop"
             return
+        self.clear_results()  # whatever happens next, the previous run's results are gone
         spec = self.spec()  # a bad value raises here, before anything starts
         self._stop_requested = False
         self.run_button.disabled, self.stop_button.disabled = True, False
@@ -236,10 +269,9 @@ class ComparePanel:
     def _run_in_background(self, spec: Any) -> None:
         try:
             self._poll_worker(spec)
-        except Exception as exc:  # the thread's exceptions are shown, never lost
-            self.errors.append(show_error(self.output, "the run", exc))
-            self.status.value = "error (see below)"
-            self.progress.bar_style = "danger"
+        except Exception as exc:  # the thread's exceptions are shown beside the button, never lost
+            self.errors.append(show_error(self.error, "the run", exc))
+            self._after_error("the run")
         finally:
             with self._lock:
                 self.job = None
@@ -256,11 +288,9 @@ class ComparePanel:
                 self.status.value = "stopped before the worker started"
                 return
             self.job = job = IsolatedRun(planned, self.limits)
-        # 2. Poll: move the progress bar with the elapsed time until the row comes back.
+        # 2. Poll: the bar counts the worker's finished calls (warm-up included) until the row comes back.
         while (row := job.poll()) is None:
-            self.progress.value = self._progress_fraction(job)
-            phase = "starting the worker" if job.phase == "starting" else "measuring"
-            self.status.value = f"{phase}: {job.elapsed_s:.1f} s (worker pid {job.pid})"
+            self._show_progress(job)
             time.sleep(0.2)
         # 3. Stopped: show it, store nothing. Otherwise store the row (ok or failed) and show it.
         if self._stop_requested:
@@ -273,48 +303,63 @@ class ComparePanel:
             row["environment"] = fingerprint(device=spec.device.split(":")[0])
             row["machine_id"] = row["environment"].get("machine_id")
         self.store.append(row)
-        if job.running_since_s is not None and row["status"] == "ok":
-            self._expected_run_s = max(1.0, time.perf_counter() - job.running_since_s)
-        self._show_row(row)
+        self._show_row(row, job)
 
-    def _progress_fraction(self, job: Any) -> float:
-        """0-0.3 while the worker starts, 0.3-0.97 while it measures, paced by the last run's time."""
+    def _show_progress(self, job: Any) -> None:
+        """Status and bar of a run in flight: starting, loading, then 'measuring: 12/40 calls'."""
         if job.phase == "starting":
-            return 0.3 * (1.0 - math.exp(-job.elapsed_s / 8.0))
-        running_s = time.perf_counter() - (job.running_since_s or time.perf_counter())
-        return 0.3 + 0.67 * (1.0 - math.exp(-running_s / self._expected_run_s))
+            self.status.value = f"starting the worker: {job.elapsed_s:.1f} s (pid {job.pid})"
+        elif job.calls_total is None:
+            self.status.value = f"loading the model: {job.elapsed_s:.1f} s (pid {job.pid})"
+        else:
+            self.progress.value = job.calls_done / max(job.calls_total, 1)
+            self.status.value = f"measuring: {calls_text(job)} ({job.elapsed_s:.1f} s)"
 
-    def _show_row(self, row: dict[str, Any]) -> None:
-        from workbench.display import quality_text, run_table, speedup_lines, technique_lines
+    def _show_row(self, row: dict[str, Any], job: Any) -> None:
+        from workbench.display import speedup_lines, technique_lines
         from workbench.noise import summary_text as noise_text
         from workbench.widgets.figures import result_from_row, run_figures
+        from workbench.widgets.tables import run_tables
 
+        # 1. The data: the result, kept; the bar full.
         result = result_from_row(row)
         self.last_row, self.last_result = row, result
         self.history.append(result)
         self.progress.value = 1.0
+        short_id = html.escape(result.run_id[:8])
+        # 2. A failed run: its reason where the eye is, as the error line.
         if result.status != "ok":
             self.progress.bar_style = "danger"
             self.figures = {}
-            self.status.value = "run failed"
-            self.table.value = (f"<div class='workbench-failed' style='color:#b00020'><b>run failed</b> "
-                                f"(stored as run {html.escape(result.run_id)}): "
+            self.status.value = f"run failed after {job.elapsed_s:.1f} s ({calls_text(job)}), stored as run {short_id}"
+            self.error.value = (f"<div class='workbench-failed' style='color:#b00020'><b>run failed</b>: "
                                 f"{html.escape(result.failure_reason or 'no reason given')}</div>")
             show(self.output, clear=True)
             return
+        # 3. An ok run: the key table, the rest folded, the speedup in words, then the figures.
         self.progress.bar_style = "success"
         self.figures = run_figures(result)
+        key, more = run_tables(result)
         lines = technique_lines(result)
         noisy = noise_text(result.noise)
-        self.status.value = f"done: stored as run {html.escape(result.run_id)}" + (" (noisy machine)" if noisy else "")
+        self.status.value = (f"done in {job.elapsed_s:.1f} s: {calls_text(job)}, stored as run {short_id}"
+                             + (" (noisy machine)" if noisy else ""))
         self.table.value = (
-            table_html(run_table(result), "workbench-run-table")
+            table_html(key, "workbench-run-table")
             + (f"<p class='workbench-noisy' style='color:#b00020'><b>{html.escape(noisy)}</b>: speed figures "
                "suspect, rerun when the machine is quiet</p>" if noisy else "")
-            + f"<p>{html.escape('; '.join(speedup_lines(result.comparison)))}; "
-              f"quality: {html.escape(quality_text(result.quality, result.quality_metrics, result.report.get('lossless')))}</p>"
-            + (f"<pre>{html.escape(chr(10).join(lines))}</pre>" if lines else ""))
+            + f"<details><summary>more figures</summary>{table_html(more, 'workbench-run-more')}"
+            + f"<p>{html.escape('; '.join(speedup_lines(result.comparison)))}</p>"
+            + (f"<pre style='white-space:pre-wrap'>{html.escape(chr(10).join(lines))}</pre>" if lines else "")
+            + "</details>")
         show(self.output, *[figure_bundle(f) for f in self.figures.values()], clear=True)
+
+
+def calls_text(job: Any) -> str:
+    """``12/40 calls`` from an :class:`~workbench.worker.IsolatedRun`, ``no calls timed`` before any count."""
+    if job.calls_total is None:
+        return "no calls timed"
+    return f"{job.calls_done}/{job.calls_total} calls"
 
 
 def compare(store: Any = None, **settings: Any) -> ComparePanel:

@@ -16,15 +16,18 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-#: Quality figures drawn as "baseline vs technique" pairs, when the run holds both.
-QUALITY_PAIRS: tuple[tuple[str, str, str], ...] = (
-    ("accuracy", "accuracy_baseline", "accuracy_technique"),
-    ("perplexity", "perplexity_baseline", "perplexity_technique"),
-    ("SSIM vs reference", "ssim_baseline_vs_reference", "ssim_technique_vs_reference"),
-    ("judge accuracy", "judge_accuracy_baseline", "judge_accuracy_technique"),
+#: Quality figures drawn as "baseline vs technique" pairs, when the run holds both:
+#: (label, baseline key, technique key, y-axis title with its unit).
+QUALITY_PAIRS: tuple[tuple[str, str, str, str], ...] = (
+    ("accuracy", "accuracy_baseline", "accuracy_technique", "accuracy (fraction correct, 0-1)"),
+    ("perplexity", "perplexity_baseline", "perplexity_technique", "perplexity (lower is better)"),
+    ("SSIM vs reference", "ssim_baseline_vs_reference", "ssim_technique_vs_reference",
+     "SSIM vs 100-step reference (0-1)"),
+    ("judge accuracy", "judge_accuracy_baseline", "judge_accuracy_technique", "judge accuracy (fraction, 0-1)"),
 )
-#: Agreement figures (technique vs baseline, 1.0 = identical), drawn as single bars.
+#: Agreement figures (technique vs baseline, 1.0 = identical), drawn as single bars on their own axis.
 AGREEMENT_KEYS: tuple[str, ...] = ("exact_match_rate", "token_agreement", "agreement", "identical_rate")
+AGREEMENT_AXIS = "agreement with the baseline (fraction, 1 = identical)"
 
 
 def result_from_row(row: dict[str, Any]) -> Any:
@@ -62,19 +65,29 @@ def speedup_figure(result: Any) -> go.Figure | None:
 
 
 def quality_figure(result: Any) -> go.Figure | None:
-    """Quality of the technique beside the baseline's (pairs), plus agreement with the baseline."""
+    """Quality of the technique beside the baseline's, one panel per metric (each on its own axis, in its
+    own unit: a perplexity of 91 never shares an axis with an agreement of 0.98), then agreement."""
+    from plotly.subplots import make_subplots
+
     q = result.quality
-    fig = go.Figure()
-    for label, base_key, tech_key in QUALITY_PAIRS:
-        if isinstance(q.get(base_key), (int, float)) and isinstance(q.get(tech_key), (int, float)):
-            fig.add_trace(go.Bar(x=[f"{label} (baseline)", f"{label} (technique)"], y=[q[base_key], q[tech_key]],
-                                 name=label))
+    # 1. The panels the run has data for: (title, y-axis title, x labels, values).
+    panels = [(label, axis, ["baseline", "technique"], [q[base_key], q[tech_key]])
+              for label, base_key, tech_key, axis in QUALITY_PAIRS
+              if isinstance(q.get(base_key), (int, float)) and isinstance(q.get(tech_key), (int, float))]
     agreement = [k for k in AGREEMENT_KEYS if isinstance(q.get(k), (int, float))]
     if agreement:
-        fig.add_trace(go.Bar(x=agreement, y=[q[k] for k in agreement], name="agreement with baseline"))
-    if not fig.data:
+        panels.append(("agreement", AGREEMENT_AXIS, [k.replace("_", " ") for k in agreement],
+                       [q[k] for k in agreement]))
+    if not panels:
         return None
-    fig.update_layout(title="Quality change (technique vs baseline)", barmode="group")
+    # 2. One subplot each, its axis titled with the unit.
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[title for title, *_ in panels],
+                        horizontal_spacing=0.12)
+    for column, (title, axis, labels, values) in enumerate(panels, start=1):
+        fig.add_trace(go.Bar(x=labels, y=values, name=title, text=[f"{v:.3g}" for v in values],
+                             textposition="auto"), row=1, col=column)
+        fig.update_yaxes(title_text=axis, row=1, col=column)
+    fig.update_layout(title="Quality change (technique vs baseline)", showlegend=False)
     return fig
 
 
