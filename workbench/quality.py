@@ -43,7 +43,7 @@ LOSS_SCALES: dict[str, LossScale] = {
                                  "perplexity<=2%", 2.0),
     "text-classification": LossScale("text-classification", "accuracy", "points", "accuracy drop (points)",
                                      "accuracy<=1", 1.0),
-    "image-generation": LossScale("image-generation", "ssim", "SSIM", "1 - SSIM to the reference",
+    "image-generation": LossScale("image-generation", "ssim", "SSIM", "1 - SSIM to the reference (unitless, 0 = same)",
                                   "ssim>=0.9", 0.1),
 }
 

@@ -12,27 +12,48 @@ from workbench.errors import WorkbenchError
 #: The parameterized notebook that ``workbench report`` executes.
 REPORT_NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "report.ipynb"
 AUDIENCES = ("manager", "engineer")  # manager: summary-first, fewer tables; engineer: every run listed
-PARAM_KEYS = ("store_url", "since", "models", "machines", "techniques", "budget", "title", "audience")
+PARAM_KEYS = ("store_url", "since", "models", "machines", "techniques", "budget", "title", "audience", "learner")
 KERNEL_NAME = "workbench-report"  # a private kernelspec that points at this interpreter
 
-# A template on top of JupyterLab's that loads nothing from the network (no require.js, MathJax, mermaid).
+# A template on top of JupyterLab's that loads nothing from the network (no require.js, MathJax, mermaid)
+# and carries only the little CSS the report's outputs need (JupyterLab's theme CSS is ~250 KB).
 _OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
-{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js -%}<!-- workbench:plotly.js -->{%- endblock html_head_js -%}
 {%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block notebook_css -%}<style>
+body {margin: 0; background: #fff; color: #222}
+.jp-Notebook {padding: 12px 24px}
+.jp-Cell, .jp-OutputArea-output {padding: 0; margin: 0}
+.jp-OutputArea-prompt, .jp-InputArea {display: none}
+</style>{%- endblock notebook_css -%}
 """
+#: Where ``to_html`` puts the one inlined copy of plotly.js.
+PLOTLY_MARKER = "<!-- workbench:plotly.js -->"
+PLOTLY_BUNDLE = Path(__file__).resolve().parent / "vendor" / "plotly-basic.min.js"
 
 _CSS = """<style>
-.wb-report {font-family: system-ui, sans-serif; max-width: 1100px}
-.wb-report table {border-collapse: collapse; font-size: 13px; margin: 6px 0 14px}
+.wb-report {font-family: system-ui, sans-serif; max-width: 1100px; font-size: 14px; line-height: 1.4}
+.wb-report h1 {font-size: 24px; margin: 8px 0 2px} .wb-report h2 {font-size: 19px; margin: 10px 0 6px}
+.wb-report h3 {font-size: 15px; margin: 12px 0 4px}
+.wb-report table {border-collapse: collapse; font-size: 13px; margin: 6px 0 10px; max-width: 100%}
 .wb-report .scroll {overflow-x: auto; max-width: 100%}
 .wb-report th, .wb-report td {border: 1px solid #ccc; padding: 3px 6px; text-align: left !important;
-  vertical-align: top; max-width: 26em; overflow-wrap: anywhere}
+  vertical-align: top; max-width: 24em; overflow-wrap: anywhere}
+.wb-report td.num {white-space: nowrap}
 .wb-report th {background: #f3f3f3}
 .wb-report .note {color: #555}
 .wb-report .slower {color: #a33}
-</style>"""
+.wb-decision {border: 2px solid #2a6; border-radius: 6px; padding: 4px 14px 8px; background: #f6fcf8}
+.wb-decision table {width: 100%}
+.wb-glossary {border: 1px solid #ccd; border-radius: 6px; padding: 8px 14px; margin: 10px 0; background: #f8f8fc;
+  font-size: 13px; color: #333}
+.wb-section {border-top: 1px solid #ddd; padding: 4px 0}
+.wb-section > summary {cursor: pointer; font-size: 16px; font-weight: 600; padding: 6px 0}
+.wb-report pre {white-space: pre-wrap; font-size: 12px}
+</style>
+<script>document.addEventListener("toggle", function () { window.dispatchEvent(new Event("resize")); }, true);</script>"""
 
 
 def _names(value: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -64,6 +85,7 @@ class ReportParams:
     budget: str = "perplexity<=2%,accuracy<=1,ssim>=0.9"  # quality budget: lossless, any, or perplexity<=X%, accuracy<=X (points), ssim>=X
     title: str = "Inference acceleration report"  # the heading of the page
     audience: str = "manager"  # manager (summary first, fewer tables) or engineer (every run listed)
+    learner: str = "boosting"  # the meta-learner the report trains and evaluates: boosting or tree
 
     def __post_init__(self) -> None:
         from workbench.meta.learner import Budget
@@ -76,6 +98,8 @@ class ReportParams:
         Budget.parse(self.budget)
         if self.audience not in AUDIENCES:
             raise WorkbenchError(f"audience {self.audience!r} is unknown: use one of {', '.join(AUDIENCES)}")
+        if self.learner not in ("boosting", "tree"):
+            raise WorkbenchError(f"learner {self.learner!r} is unknown: use boosting or tree, e.g. -p learner=tree")
         if not str(self.title).strip():
             raise WorkbenchError("title is empty: pass a title such as --param title='Weekly report'")
 
@@ -135,3 +159,41 @@ def check_store(url: str | None) -> str:
     store = Store(text)
     store.close()
     return store.url
+
+
+_FILTER_COLUMNS = {"models": "model", "machines": "machine_id", "techniques": "technique"}
+
+
+def check_filters(params: ReportParams) -> None:
+    """Every filter value must match some stored run (any time): a typo is one line naming the filter and
+    the nearest stored value, never an empty report that exits 0.
+
+    Example:
+        >>> check_filters(ReportParams(store_url="sqlite:///:memory:", models="zoo:code-wdie"))
+        Traceback (most recent call last):
+        ...
+        workbench.errors.WorkbenchError: filter models=zoo:code-wdie matches no stored run: the store holds no runs yet
+    """
+    import difflib
+
+    from workbench.store import Store
+
+    wanted = {name: getattr(params, name) for name in _FILTER_COLUMNS if getattr(params, name)}
+    if not wanted:
+        return
+    store = Store(params.store_url)
+    try:
+        for name, values in wanted.items():
+            column = _FILTER_COLUMNS[name]
+            stored = sorted({str(v) for v in store.runs(columns=[column])[column].dropna()})
+            for value in values:
+                if value in stored:
+                    continue
+                if not stored:
+                    raise WorkbenchError(f"filter {name}={value} matches no stored run: the store holds no runs yet")
+                near = difflib.get_close_matches(value, stored, n=1, cutoff=0.5)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                shown = ", ".join(stored[:8]) + (", ..." if len(stored) > 8 else "")
+                raise WorkbenchError(f"filter {name}={value} matches no stored run{hint}: stored {name} are {shown}")
+    finally:
+        store.close()

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.report.params import _OFFLINE_TEMPLATE, KERNEL_NAME, REPORT_NOTEBOOK, ReportParams, check_store
+from workbench.report.params import (_OFFLINE_TEMPLATE, KERNEL_NAME, PLOTLY_BUNDLE, PLOTLY_MARKER, REPORT_NOTEBOOK,
+                                     ReportParams, check_filters, check_store)
 
 
 def render_report(params: ReportParams, out: str | Path, cell_timeout_s: float = 300.0,
@@ -40,6 +41,7 @@ def render_report(params: ReportParams, out: str | Path, cell_timeout_s: float =
     if not Path(notebook).exists():
         raise WorkbenchError(f"report notebook {notebook} is missing: reinstall workbench from its repository")
     check_store(params.store_url)
+    check_filters(params)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.stem}-", dir=out.parent))
     try:
@@ -84,7 +86,8 @@ def _run_child(command: list[str], env: dict[str, str], timeout_s: float) -> Non
 
 
 def to_html(executed: str | Path, title: str) -> str:
-    """nbconvert an executed notebook: no input cells, no prompts, no stderr, nothing from the network."""
+    """nbconvert an executed notebook: no input cells, no prompts, no stderr, nothing from the network, and
+    plotly.js's partial bundle inlined once (the executed notebook's figures do not carry it)."""
     import jinja2
     import nbformat
     from nbconvert import HTMLExporter
@@ -99,7 +102,9 @@ def to_html(executed: str | Path, title: str) -> str:
                             exclude_output_prompt=True, extra_loaders=[jinja2.DictLoader({"wb.j2": _OFFLINE_TEMPLATE})],
                             template_file="wb.j2")
     body, _ = exporter.from_notebook_node(nb)
-    return body
+    # plotly.js once, in the head, before any figure's script (figures are written without it).
+    script = "<script>" + PLOTLY_BUNDLE.read_text(encoding="utf-8").replace("</script", "<\\/script") + "</script>"
+    return body.replace(PLOTLY_MARKER, script if "Plotly.newPlot" in body else "", 1)
 
 
 def _execute(job: dict[str, Any]) -> int:
