@@ -40,6 +40,40 @@ def test_run_json_then_runs(quick_zoo, workbench_cmd, cli_env, store_url):
     assert csv_out.stdout.splitlines()[0].startswith("created_at,run_id,status")
 
 
+def test_runs_table_fits_100_columns_and_prints_no_escapes(workbench_cmd, cli_env, store_url):
+    """The default table: key columns and the params column within 100 characters a line, whatever is
+    stored (a model name carrying terminal escapes, a reason with a newline); --wide: every column, uncut."""
+    from workbench.store import Store
+
+    hostile = "zoo:evil\x1b]0;pwned\x07\x1b[2J" + "x" * 300
+    common = {"spec_key": "s", "workload": "code-prompts", "device": "cpu", "dtype": "float32", "seed": 0,
+              "repeats": 3, "warmup": 1}
+    store = Store(store_url)
+    store.append({**common, "status": "ok", "model": "zoo:code-target", "technique": "early_exit",
+                  "params": {"threshold": 0.8, "train_steps": 300}, "speedup": 1.23456, "speedup_ci_low": 1.1,
+                  "speedup_ci_high": 1.4, "quality": {"perplexity_change_percent": 0.4123},
+                  "noisy": True, "noise": {"others_cores_during": 1.5}})
+    store.append({**common, "status": "failed", "model": hostile, "technique": "speculative",
+                  "params": {"prompt_lookup_num_tokens": 3}, "failure_reason": "out of memory\n\x1b[31mred"})
+    done = run_cli(workbench_cmd, cli_env, "runs", "--store", store_url, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 4 and all(len(line) <= 100 for line in lines), done.stdout
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+    assert lines[0].split() == ["run", "created", "model", "technique", "params", "speedup", "(95%", "CI)", "quality"]
+    # non-default settings in words (train_steps=300 is the default), 3 significant figures, quality in its unit
+    assert "early exit" in lines[1] and "threshold 0.8" in lines[1] and "train steps" not in lines[1]
+    assert "1.23x (1.1-1.4) *" in lines[1] and "ppl +0.412%" in lines[1]
+    assert lines[3].startswith("* measured on a noisy machine")
+    assert "failed" in lines[2] and "…" in lines[2]  # the long model name is cut
+    wide = run_cli(workbench_cmd, cli_env, "runs", "--store", store_url, "--wide", timeout=120)
+    assert wide.returncode == 0, wide.stderr
+    assert "\x1b" not in wide.stdout and "\x07" not in wide.stdout
+    header = wide.stdout.splitlines()[0].split()
+    assert {"workload", "device", "verdict", "machine", "failure_reason", "params"} <= set(header)
+    assert "x" * 300 in wide.stdout and "threshold=0.8,train_steps=300" in wide.stdout  # nothing cut
+
+
 def test_run_prints_a_side_by_side_table(quick_zoo, workbench_cmd, cli_env, store_url):
     done = run_cli(workbench_cmd, cli_env, "run", "-m", "zoo:code-classifier", "-t", "baseline",
                    "-w", "code-snippets", "--store", store_url, *SMALL)

@@ -177,6 +177,23 @@ def test_recommend_for_an_unseen_model(meta_store: str, runs: pd.DataFrame, tmp_
     text = subprocess.run([*workbench_cmd, "recommend", "--model", UNSEEN_MODEL, "--workload", "code-prompts",
                            "--learner-path", str(path)], env=cli_env, capture_output=True, text=True, timeout=300)
     assert "recommendation:" in text.stdout and "counterfactual:" in text.stdout
+    # 100 characters a line: prose wrapped, candidates by name with 3 significant figures
+    assert all(len(line) <= 100 for line in text.stdout.splitlines()), max(text.stdout.splitlines(), key=len)
+    lines = text.stdout.splitlines()
+    table = lines[lines.index("candidates (predicted; lossless ones lose nothing by definition):") + 1:]
+    assert table[0].split() == ["configuration", "in", "budget", "speedup", "(80%", "interval)", "perplexity",
+                                "increase", "(%)"]
+    assert any(row.startswith("speculative decoding (draft") for row in table)  # by name, not the stored key
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    wide = CliRunner().invoke(app, ["recommend", "--model", UNSEEN_MODEL, "--workload", "code-prompts",
+                                    "--learner-path", str(path), "--wide"])
+    assert wide.exit_code == 0, wide.output
+    header = next(line for line in wide.output.splitlines() if line.split()[:2] == ["configuration", "allowed"])
+    assert header.split()[2:5] == ["speedup", "low", "high"]  # the full table, stored keys and bounds apart
+    assert any(len(line) > 100 for line in wide.output.splitlines())  # nothing wrapped
 
 
 @pytest.mark.parametrize("kind", ["boosting", "tree"])

@@ -7,6 +7,7 @@ Example:
     $ workbench zoo build --quick
     $ workbench run --model zoo:code-target --technique speculative --draft zoo:code-draft \\
         --workload code-prompts --repeats 3
+    $ workbench runs --since 7d             # key columns, 100 characters a line; --wide: every column
     $ workbench runs --since 7d --format csv
 """
 
@@ -296,9 +297,13 @@ def runs(
     model: Optional[str] = typer.Option(None, "--model", help="Only this model."),
     technique: Optional[str] = typer.Option(None, "--technique", help="Only this technique."),
     fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    wide: bool = typer.Option(False, "--wide", help="The table with every column, nothing cut (default: key columns within 100 characters a line)."),
 ) -> None:
     """Stored runs, newest last."""
     import pandas as pd
+
+    from workbench.display import run_list_text
+    from workbench.terminal import printable
 
     if fmt not in ("table", "csv", "json"):
         raise WorkbenchError(f"--format {fmt!r} is unknown: use table, csv or json")
@@ -310,9 +315,11 @@ def runs(
         typer.echo(view.to_csv(index=False), nl=False)
     elif view.empty:
         typer.echo("no runs stored" + (f" since {since}" if since else "") + ": try `workbench run ...` first")
+    elif wide:
+        with pd.option_context("display.width", None, "display.max_columns", None, "display.max_colwidth", None):
+            typer.echo(view.map(lambda v: printable(v) if isinstance(v, str) else v).to_string(index=False))
     else:
-        with pd.option_context("display.width", 220, "display.max_columns", 20, "display.max_colwidth", 60):
-            typer.echo(view.to_string(index=False))
+        typer.echo(run_list_text(frame))
 
 
 def _runs_view(frame: Any) -> Any:
@@ -323,7 +330,8 @@ def _runs_view(frame: Any) -> Any:
     from workbench.noise import summary_text
 
     columns = ["created_at", "run_id", "status", "model", "technique", "draft", "workload", "device",
-               "speedup", "speedup_ci_low", "speedup_ci_high", "verdict", "quality", "machine", "failure_reason"]
+               "speedup", "speedup_ci_low", "speedup_ci_high", "verdict", "quality", "machine", "failure_reason",
+               "params"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     view = frame.copy()
@@ -339,6 +347,7 @@ def _runs_view(frame: Any) -> Any:
     view["machine"] = ["noisy machine" if summary_text(n) else ("quiet" if n else "not measured") for n in noise]
     for col in ("speedup", "speedup_ci_low", "speedup_ci_high"):
         view[col] = view[col].round(3)
+    view["params"] = [",".join(f"{k}={v}" for k, v in sorted((p or {}).items())) for p in view["params"]]
     return view[columns]
 
 
@@ -374,14 +383,16 @@ def recommend(
     max_items: Optional[int] = typer.Option(None, "--max-items", help="Inputs of the workload to use (default: all)."),
     plan: Optional[str] = typer.Option(None, "--plan", help="Write the runs that would decide between overlapping candidates to this sweep file (for `workbench sweep`)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    wide: bool = typer.Option(False, "--wide", help="Lines unwrapped and the full candidate table (default: 100 characters a line)."),
 ) -> None:
     """Recommend a technique for a model and workload on this machine, with reasons, a counterfactual and what to measure next."""
     from workbench.meta.commands import recommend_for
+    from workbench.terminal import TERMINAL_WIDTH
 
     result = recommend_for(model, workload, budget, learner_path, device=device, dtype=dtype,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, steps=steps, threads=threads,
                            max_items=max_items, plan=plan)
-    typer.echo(_dump(result.to_dict()) if as_json else result.text())
+    typer.echo(_dump(result.to_dict()) if as_json else result.text(width=None if wide else TERMINAL_WIDTH))
 
 
 @app.command()

@@ -16,6 +16,7 @@ import pandas as pd
 
 from workbench.measure import BASELINE, MARGIN_PERCENT, verdict_of
 from workbench.noise import summary_text as noise_text
+from workbench.terminal import TERMINAL_WIDTH, Column, fit_table, wrap_line
 
 
 def _ms(stats: dict[str, Any] | None, key: str = "median") -> float | None:
@@ -132,6 +133,96 @@ def quality_text(quality: dict[str, Any], metrics: list[dict[str, Any]] | None =
     """The headline quality figures in words: the standard comparison, then the technique's own metrics."""
     parts = [standard_quality_text(quality or {}, lossless), *metric_texts(metrics, quality)]
     return ", ".join(p for p in parts if p) or "no quality figure"
+
+
+def quality_brief(quality: dict[str, Any] | None, metrics: list[dict[str, Any]] | None = None,
+                  lossless: bool | None = None) -> str:
+    """The one quality figure a list of runs shows, short and in its unit: '6/6 identical' (outputs equal to
+    the baseline's), 'ppl +0.036%' (perplexity change), 'acc -20.8 pts' (accuracy change in points),
+    'SSIM 0.927' (to the reference images); else the technique's first headline metric.
+
+    Example:
+        >>> quality_brief({"perplexity_change_percent": 0.036, "exact_match_rate": 0.5, "inputs": 6})
+        'ppl +0.036%'
+    """
+    q = quality or {}
+
+    def number(key: str) -> float | None:
+        value = q.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else None
+
+    matched, inputs, perplexity = number("exact_match_rate"), number("inputs"), number("perplexity_change_percent")
+    if matched is not None and inputs and (lossless is True or (lossless is None and perplexity is None)):
+        return f"{round(matched * inputs)}/{int(inputs)} identical"
+    if perplexity is not None:
+        return f"ppl {perplexity:+.3g}%"
+    if number("accuracy_change_points") is not None:
+        return f"acc {number('accuracy_change_points'):+.3g} pts"
+    if number("ssim_technique_vs_reference") is not None:
+        return f"SSIM {number('ssim_technique_vs_reference'):.3g}"
+    texts = metric_texts(metrics, q)
+    return texts[0] if texts else ""
+
+
+NOISY_MARK = " *"  # after the speedup of a run measured on a noisy machine (workbench.noise)
+#: The default ``workbench runs`` table (every line within :data:`~workbench.terminal.TERMINAL_WIDTH`). A run
+#: that did not finish shows its status (skipped, failed) in place of the speedup and its reason as quality;
+#: one measured while other work crossed the noise threshold has NOISY_MARK after its speedup.
+RUN_LIST_COLUMNS = (
+    Column("run", "run", 8),
+    Column("created", "created", 11),  # UTC, month-day hour:minute
+    Column("model", "model", middle=True),
+    Column("configuration", "technique"),
+    Column("params", "params"),
+    Column("speedup", "speedup (95% CI)", 22),  # "0.917x (0.876-0.962) *" at most
+    Column("quality", "quality"),
+)
+
+
+def run_list_rows(frame: pd.DataFrame) -> list[dict[str, str]]:
+    """One row of words per stored run (``Store.runs()``): short id, time to the minute (UTC), the
+    configuration and its non-default settings (``params``) by name, the speedup with its interval and one
+    quality figure; a run that did not finish: its status and its reason instead."""
+    from workbench.meta.features import configuration_id
+    from workbench.names import configuration_parts
+
+    rows = []
+    for run in frame.to_dict(orient="records"):
+        draft = run.get("draft") if isinstance(run.get("draft"), str) else None
+        name, settings = configuration_parts(configuration_id(run["technique"], run.get("params") or {}, draft))
+        lossless = run.get("lossless") if isinstance(run.get("lossless"), bool) else None
+        rows.append({
+            "run": str(run["run_id"])[:8], "created": run["created_at"].strftime("%m-%d %H:%M"),
+            "model": run["model"], "configuration": name, "params": settings, "speedup": _speedup_cell(run),
+            "quality": quality_brief(run.get("quality"), run.get("quality_metrics"), lossless)
+            if run["status"] == "ok" else run.get("failure_reason"),
+        })
+    return rows
+
+
+def _speedup_cell(run: dict[str, Any]) -> str:
+    """'1.23x (1.1-1.4)', then NOISY_MARK when other work disturbed the run; a run that did not finish: its status."""
+    from workbench.names import speedup_text
+
+    if run["status"] != "ok":
+        return str(run["status"])
+    speedup = run.get("speedup")
+    measured = isinstance(speedup, (int, float)) and math.isfinite(speedup)
+    text = speedup_text(speedup, run.get("speedup_ci_low"), run.get("speedup_ci_high")) if measured else "-"
+    noise = run.get("noise") if isinstance(run.get("noise"), dict) else None
+    return text + (NOISY_MARK if noise_text(noise) else "")
+
+
+def run_list_text(frame: pd.DataFrame, width: int = TERMINAL_WIDTH) -> str:
+    """Stored runs as a table whose every line is at most ``width`` characters (cells cut with '…'), and
+    what a mark means when a run has one."""
+    rows = run_list_rows(frame)
+    text = fit_table(rows, RUN_LIST_COLUMNS, width)
+    if any(row["speedup"].endswith(NOISY_MARK) for row in rows):
+        text += "\n" + "\n".join(wrap_line(f"{NOISY_MARK.strip()} measured on a noisy machine (other work crossed the "
+                                           "threshold): the speed figures are suspect", width))
+    return text
 
 
 def run_table(result: Any) -> pd.DataFrame:

@@ -58,6 +58,19 @@ def configuration_name(text: str) -> str:
     return cls.display_name(params, draft)
 
 
+def configuration_parts(text: str) -> tuple[str, str]:
+    """A configuration's name and its settings in words, for a table's two columns: the human name
+    (:func:`configuration_name`) split before its parenthesis.
+
+    Example:
+        >>> configuration_parts("speculative[prompt_lookup_num_tokens=6]"), configuration_parts("early_exit")
+        (('prompt lookup', '6 tokens'), ('early exit', ''))
+    """
+    name = configuration_name(text)
+    head, bracket, settings = name.partition(" (")
+    return (head, settings[:-1]) if bracket and settings.endswith(")") else (name, "")
+
+
 def machine_name(environment: Mapping[str, Any] | None, machine_id: Any = None, device: Any = None) -> str:
     """``2-core AMD EPYC (cpu)`` or ``NVIDIA H200 (cuda)``; without a fingerprint the id's first 8 characters."""
     env = environment if isinstance(environment, Mapping) else {}

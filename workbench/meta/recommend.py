@@ -21,7 +21,9 @@ from workbench.meta import explain, features
 from workbench.meta.features import BASELINE_CONFIGURATION, FEATURE_NAMES
 from workbench.meta.learner import Budget, MetaLearner, decide
 from workbench.measure import MARGIN_PERCENT
+from workbench.names import configuration_name, sig, speedup_text
 from workbench.quality import LOSS_SCALES, loss_text
+from workbench.terminal import TERMINAL_WIDTH, Column, fit_table, printable, wrap_line
 
 NO_RUNS_HINT = ("run `workbench sweep` or import the seed with `workbench import data/seed/runs.parquet`")
 #: Columns of the training table kept inside a saved learner (for explanations and provenance).
@@ -107,8 +109,17 @@ class Recommendation:
             return "identical outputs (lossless: no quality loss by definition)"
         return loss_text(self.predicted_quality_loss, str(self.context.get("modality")))
 
-    def text(self) -> str:
-        """Plain-text report for the terminal."""
+    def text(self, width: int | None = TERMINAL_WIDTH) -> str:
+        """Plain-text report for the terminal: prose wrapped and the candidate table fitted to ``width``
+        characters a line; ``width=None``: lines unwrapped and the full candidate table (``--wide``)."""
+        refused = [f"  - {row.configuration}: {row.reason}" for row in self.inapplicable.itertuples()]
+        if refused:
+            refused.insert(0, "not applicable here (refused by the technique's check before anything would load):")
+        prose = [*self._summary_lines(), "candidates (predicted; lossless ones lose nothing by definition):"]
+        return "\n".join([*_fit_prose(prose, width), *self._candidate_lines(width), *_fit_prose(refused, width)])
+
+    def _summary_lines(self) -> list[str]:
+        """Context, budget, the choice with its interval, reasons, counterfactual and what to measure next."""
         c = self.context
         lines = [f"context: {c.get('model')} on {c.get('workload')} ({c.get('modality')}), "
                  f"{c.get('device')}/{c.get('dtype')}, machine {c.get('machine_id')}",
@@ -137,21 +148,36 @@ class Recommendation:
             lines += [f"  - {run['configuration']} (~{run['minutes']:.0f} min): {run['why']}" for run in self.next_runs]
         if self.plan_note:
             lines.append(self.plan_note)
-        scale = LOSS_SCALES.get(str(c.get("modality")))
-        columns = ["configuration", "allowed", "predicted_speedup", "speedup_low", "speedup_high",
-                   "predicted_quality_loss"]
-        shown = self.candidates[columns] if not self.candidates.empty else self.candidates
-        if not shown.empty:
-            shown = shown.rename(columns={"predicted_speedup": "speedup", "speedup_low": "low", "speedup_high": "high"})
-            if scale is not None:  # the loss column names its unit
-                shown = shown.rename(columns={"predicted_quality_loss": scale.label})
-        lines.append("candidates (predicted; lossless ones lose nothing by definition):")
-        lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}") if not shown.empty
-                     else "  (none)")
-        if not self.inapplicable.empty:
-            lines.append("not applicable here (refused by the technique's check before anything would load):")
-            lines += [f"  - {row.configuration}: {row.reason}" for row in self.inapplicable.itertuples()]
-        return "\n".join(lines)
+        return lines
+
+    def _candidate_lines(self, width: int | None) -> list[str]:
+        """Every candidate's prediction: by name, the speedup with its 80% interval and the quality loss in
+        its unit, 3 significant figures, within ``width``; ``width=None``: the stored columns, uncut."""
+        if self.candidates.empty:
+            return ["  (none)"]
+        scale = LOSS_SCALES.get(str(self.context.get("modality")))
+        loss_label = scale.label if scale is not None else "predicted_quality_loss"  # the loss names its unit
+        if width is None:
+            shown = self.candidates[["configuration", "allowed", "predicted_speedup", "speedup_low", "speedup_high",
+                                     "predicted_quality_loss"]]
+            shown = shown.rename(columns={"predicted_speedup": "speedup", "speedup_low": "low", "speedup_high": "high",
+                                          "predicted_quality_loss": loss_label})
+            return [printable(line) for line in shown.to_string(index=False, float_format=sig).splitlines()]
+        rows = [{"configuration": configuration_name(row["configuration"]),
+                 "allowed": "yes" if row["allowed"] else "no",
+                 "speedup": speedup_text(row["predicted_speedup"], row["speedup_low"], row["speedup_high"]),
+                 "loss": sig(row["predicted_quality_loss"])}
+                for row in self.candidates.to_dict(orient="records")]
+        columns = [Column("configuration", "configuration"), Column("allowed", "in budget", 9),
+                   Column("speedup", "speedup (80% interval)", 22), Column("loss", loss_label)]
+        return fit_table(rows, columns, width).splitlines()
+
+
+def _fit_prose(lines: list[str], width: int | None) -> list[str]:
+    """Prose lines wrapped at ``width`` (None: as they are), printable either way."""
+    if width is None:
+        return [printable(line) for line in lines]
+    return [part for line in lines for part in wrap_line(line, width)]
 
 
 def recommend(learner: MetaLearner, context: dict[str, Any], budget: str | Budget = "perplexity<=2%,accuracy<=1,ssim>=0.9",
