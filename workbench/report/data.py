@@ -252,7 +252,7 @@ def learner_evaluation(runs: pd.DataFrame, budget: str, learner: str = "boosting
     try:
         fitted = train(runs, learner=learner)
         results = evaluate.evaluate(table, Budget.parse(budget), learners=(learner,),
-                                    groupings=("model", "hardware"))
+                                    groupings=("model", "hardware"), plain_boosting=False)
     except WorkbenchError as err:
         return {**empty, "note": f"The meta-learner could not be trained: {err}"}
     own = results[results["policy"] == f"meta-learner ({learner})"].reset_index(drop=True)
