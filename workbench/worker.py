@@ -61,7 +61,8 @@ PRELOAD_MODULES = ["torch", "transformers", "transformers.modeling_utils", "tran
                    "workbench.runner", "workbench.techniques"]
 _READY = b"ready"  # the worker's first message: imports and plan done, the run starts
 _CALLS = b"calls:"  # b"calls:12/40": timed calls done of all (only to an IsolatedRun, which asked for them)
-CALLS_EVERY_S = 0.25  # the fewest seconds between two progress messages (the last call is always sent)
+CALLS_EVERY_S = 0.1  # the fewest seconds between two progress messages (sent between timed calls, never
+# inside one; the first and the last are always sent)
 
 
 @dataclass(frozen=True)

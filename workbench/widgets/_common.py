@@ -59,7 +59,16 @@ def error_html(line: str, exc: BaseException) -> str:
 
 def error_line() -> W.HTML:
     """The panel's error line, placed right beside the button that failed; empty until an error."""
-    return W.HTML(value="", layout=W.Layout(max_width="900px"))
+    line = W.HTML(value="", layout=W.Layout(max_width="900px"))
+    line.add_class("workbench-error-line")
+    return line
+
+
+def status_line(text: str) -> W.HTML:
+    """The panel's status line (what it is doing now), right under its buttons."""
+    line = W.HTML(value=text, layout=W.Layout(max_width="900px"))
+    line.add_class("workbench-status")
+    return line
 
 
 def show_error(target: W.HTML | W.Output, where: str, exc: BaseException) -> str:

@@ -28,7 +28,7 @@ from workbench.names import configuration_name, speedup_text
 from workbench.quality import loss_text
 
 from workbench.widgets._common import (error_line, figure_bundle, html_bundle, open_store, show, show_error,
-                                       shows_errors, table_html)
+                                       shows_errors, status_line, table_html)
 
 #: The what-if sliders: feature -> (label, minimum, maximum, step). Shown when the feature is known.
 WHAT_IF_FEATURES: dict[str, tuple[str, float, float, float]] = {
@@ -132,9 +132,10 @@ class AdvisorPanel:
                              tooltip="lossless, any, or perplexity<=X% (LMs), accuracy<=X (points), ssim>=X (images)")
         self.learner_kind = W.Dropdown(options=["boosting", "tree"], value=learner, description="learner",
                                        style=_STYLE)
-        self.train_button = W.Button(description="Train on the store", button_style="primary", icon="cogs")
+        self.train_button = W.Button(description="Train on the store", button_style="primary", icon="cogs",
+                                      layout=W.Layout(width="190px"))
         self.cancel_button = W.Button(description="Cancel", icon="stop", disabled=True)
-        self.status = W.HTML("not trained yet: press Train")
+        self.status = status_line("not trained yet: press Train")
         self.error = error_line()
         self.evaluation_html = W.HTML(layout=W.Layout(max_width="900px"))
         self.context = W.Dropdown(description="start from context", style=_STYLE, layout=W.Layout(width="95%"))

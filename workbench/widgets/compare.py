@@ -26,7 +26,7 @@ from typing import Any
 import ipywidgets as W
 
 from workbench.widgets._common import (error_line, figure_bundle, open_store, show, show_error, shows_errors,
-                                       table_html)
+                                       status_line, table_html)
 
 _DEFAULT = "(default)"
 _STYLE = {"description_width": "150px"}
@@ -139,7 +139,7 @@ class ComparePanel:
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, layout=W.Layout(width="300px"))
-        self.status = W.HTML(value="ready: press Run")
+        self.status = status_line("ready: press Run")
         self.error = error_line()
         self.table = W.HTML(value="", layout=W.Layout(max_width="900px"))
         self.output = W.Output()

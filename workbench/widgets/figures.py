@@ -16,6 +16,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from workbench.widgets.tables import variant_name
+
 #: Quality figures drawn as "baseline vs technique" pairs, when the run holds both:
 #: (label, baseline key, technique key, y-axis title with its unit).
 QUALITY_PAIRS: tuple[tuple[str, str, str, str], ...] = (
@@ -41,8 +43,8 @@ def latency_figure(result: Any) -> go.Figure | None:
     """Box plot of every timed call's latency (ms), one box per variant."""
     if not result.samples:
         return None
-    fig = go.Figure([go.Box(y=[1000.0 * v for v in cols.get("latency_s", [])], name=name, boxpoints="all")
-                     for name, cols in result.samples.items()])
+    fig = go.Figure([go.Box(y=[1000.0 * v for v in cols.get("latency_s", [])], name=variant_name(result, name),
+                            boxpoints="all") for name, cols in result.samples.items()])
     fig.update_layout(title="Latency per call (ms)", yaxis_title="latency (ms)", showlegend=False)
     return fig
 
@@ -57,7 +59,7 @@ def speedup_figure(result: Any) -> go.Figure | None:
     speedups = [shown[n]["speedup"] for n in names]
     high = [(shown[n].get("ci_high") or s) - s for n, s in zip(names, speedups)]
     low = [s - (shown[n].get("ci_low") or s) for n, s in zip(names, speedups)]
-    fig = go.Figure(go.Bar(x=names, y=speedups, error_y={"type": "data", "array": high, "arrayminus": low},
+    fig = go.Figure(go.Bar(x=[variant_name(result, n) for n in names], y=speedups, error_y={"type": "data", "array": high, "arrayminus": low},
                            text=[f"{s:.2f}x" for s in speedups], textposition="outside"))
     fig.add_hline(y=1.0, line_dash="dash")
     fig.update_layout(title="Speedup over the baseline (95% CI)", yaxis_title="speedup (x)")
@@ -102,7 +104,8 @@ def memory_figure(result: Any) -> go.Figure | None:
         values = [(variants[n] if key == "peak_memory_bytes" else result.resources.get(n) or {}).get(key)
                   for n in names]
         if any(v is not None for v in values):
-            fig.add_trace(go.Bar(x=names, y=[None if v is None else v / 1e6 for v in values], name=label))
+            fig.add_trace(go.Bar(x=[variant_name(result, n) for n in names],
+                                 y=[None if v is None else v / 1e6 for v in values], name=label))
     if not fig.data:
         return None
     fig.update_layout(title="Memory per variant (MB)", yaxis_title="MB", barmode="group")
