@@ -115,7 +115,7 @@ def summary_html(data: dict[str, Any]) -> str:
     body = _sentences_html(data["summary"])
     if data["changes"]:
         body += "<h3>What changed since the previous window</h3>" + _sentences_html(data["changes"])
-    return section(f"Findings per model, workload and machine ({max(0, len(data['summary']) - 1)})", body)
+    return section(f"Findings per model, workload and machine ({data['decision']['contexts']})", body)
 
 
 def tradeoff_figure(results: pd.DataFrame) -> Any:
