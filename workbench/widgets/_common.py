@@ -103,10 +103,13 @@ def shows_errors(where: str) -> Callable:
     return wrap
 
 
-def table_html(frame: Any, css_class: str, max_width_px: int = 900) -> str:
+def table_html(frame: Any, css_class: str, max_width_px: int = 900, nowrap: tuple[str, ...] = ()) -> str:
     """A DataFrame as an escaped HTML table with a class the tests and the browser can find, no wider
-    than ``max_width_px`` (its cells wrap instead of widening it)."""
+    than ``max_width_px``: its cells wrap instead of widening it, except the ``nowrap`` columns (short
+    ones: a time, an id, a speedup with its interval)."""
     table = frame.to_html(index=False, escape=True, na_rep="-", classes=[css_class], border=0)
+    keep = "".join(f"table.{css_class} td:nth-child({list(frame.columns).index(c) + 1}) {{white-space: nowrap}}"
+                   for c in nowrap if c in frame.columns)
     return (f"<style>table.{css_class} td, table.{css_class} th {{white-space: normal; padding: 2px 8px; "
-            f"text-align: left; vertical-align: top}}</style>"
+            f"text-align: left; vertical-align: top}} {keep}</style>"
             f"<div style='max-width:{max_width_px}px; overflow-x:auto'>{table}</div>")

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import datetime as dt
+import html
 from typing import Any
 
 import ipywidgets as W
@@ -285,14 +286,20 @@ class HistoryPanel:
         """Draw page ``page`` of the table in the chosen order (and the picker in the same order)."""
         column, descending = SORT_COLUMNS[self.sort_by.value], self.order.value == "descending"
         self.page = min(max(self.page, 0), self.pages - 1)
+        # 1. The page; a column that says the same on every run (all ok, one machine) is said once instead.
         self.page_rows = history_page(self.table, column, descending, self.page, self.page_size)
         if self.ok_only.value:
             self.page_rows = self.page_rows.drop(columns=["status"])
+        machines = self.table["machine"].unique()
+        if len(machines) == 1:
+            self.page_rows = self.page_rows.drop(columns=["machine"])
+        # 2. Where we are, and the buttons that move.
         first = self.page * self.page_size
         self.page_label.value = (f"page {self.page + 1} of {self.pages}: runs {min(first + 1, len(self.table))}-"
-                                 f"{min(first + self.page_size, len(self.table))} of {len(self.table)}")
+                                 f"{min(first + self.page_size, len(self.table))} of {len(self.table)}"
+                                 + (f", all on {html.escape(str(machines[0]))}" if len(machines) == 1 else ""))
         self.prev_button.disabled, self.next_button.disabled = self.page == 0, self.page >= self.pages - 1
-        self.table_html.value = table_html(self.page_rows, "workbench-history")
+        self.table_html.value = table_html(self.page_rows, "workbench-history", nowrap=("when (UTC)", "run"))
         ordered = self.table.sort_values(column, ascending=not descending, na_position="last", kind="stable")
         self.runs.options = [(self._label(r), r["run_id"]) for r in ordered.to_dict(orient="records")]
         return self.page_rows
