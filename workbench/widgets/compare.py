@@ -310,10 +310,13 @@ class ComparePanel:
         if job.phase == "starting":
             self.status.value = f"starting the worker: {job.elapsed_s:.1f} s (pid {job.pid})"
         elif job.calls_total is None:
-            self.status.value = f"loading the model: {job.elapsed_s:.1f} s (pid {job.pid})"
-        else:
+            self.status.value = f"loading the model, preparing the technique: {job.elapsed_s:.1f} s (pid {job.pid})"
+        elif job.calls_done < job.calls_total:
             self.progress.value = job.calls_done / max(job.calls_total, 1)
             self.status.value = f"measuring: {calls_text(job)} ({job.elapsed_s:.1f} s)"
+        else:
+            self.progress.value = 1.0
+            self.status.value = f"judging quality: {calls_text(job)} timed ({job.elapsed_s:.1f} s)"
 
     def _show_row(self, row: dict[str, Any], job: Any) -> None:
         from workbench.display import speedup_lines, technique_lines
