@@ -1,5 +1,7 @@
 # The two commands of the quick start: `make demo` and `make test`. Each sets itself up on a fresh
 # machine: a .venv is created if missing and the package installed from the exact constraints file.
+# --no-compile: Python byte-compiles each module on its first import instead of all 2 GB at install
+# (install 46 s instead of 139 s on 2 cores, 2026-12-01).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +13,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
