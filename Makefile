@@ -1,7 +1,8 @@
 # The two commands of the quick start: `make demo` and `make test`. Each sets itself up on a fresh
 # machine: a .venv is created if missing and the package installed from the exact constraints file.
-# --no-compile: Python byte-compiles each module on its first import instead of all 2 GB at install
-# (install 46 s instead of 139 s on 2 cores, 2026-12-01).
+# pip's byte-compiling is serial: install without it, then compile on every core with compileall (46 s
+# + 56 s instead of 139 s on 2 cores, 2026-12-01). Never skip compiling: with PYTHONDONTWRITEBYTECODE
+# set (as on this machine) every process would compile torch again on import.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -14,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	-$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib >/dev/null
 	@touch $(STAMP)
 
 install: $(STAMP)

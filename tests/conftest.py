@@ -72,3 +72,16 @@ def cli_env(data_dir: Path) -> dict[str, str]:
 def workbench_cmd() -> list[str]:
     """The command line that starts the CLI with this interpreter."""
     return [sys.executable, "-m", "workbench.cli"]
+
+
+#: The files that take longest (minutes on 2 cores), longest first. pytest-xdist's --dist loadfile hands
+#: whole files to its workers in collection order, so starting these first keeps one worker from running
+#: a long file alone at the end (longest-processing-time-first scheduling). Other files follow in order.
+LONGEST_FILES = ("test_meta.py", "test_sweep.py", "test_report.py", "test_technique_plugin.py",
+                 "test_plan_time_checks.py", "test_jupyterlab_browser.py", "test_pretrained_zoo.py",
+                 "test_widgets.py", "test_notebooks.py", "test_noise.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept

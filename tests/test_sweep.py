@@ -242,7 +242,7 @@ def test_sweep_of_20_survives_a_segfault_a_timeout_and_ctrl_c(quick_zoo, workben
     sweep_file.write_text(cheap_sweep("baseline, quantization", seeds=list(range(10))))
     url = f"sqlite:///{tmp_path / 'runs.sqlite'}"
     env = {**cli_env, FAULT_ENV: "segfault:12,hang:17"}
-    command = [*workbench_cmd, "sweep", str(sweep_file), "--store", url, "--timeout-per-run", "30", "--quiet"]
+    command = [*workbench_cmd, "sweep", str(sweep_file), "--store", url, "--timeout-per-run", "15", "--quiet"]
     keys = [spec.key() for spec in read_sweep(sweep_file).specs]
     assert len(keys) == 20
 
@@ -278,7 +278,7 @@ def test_sweep_of_20_survives_a_segfault_a_timeout_and_ctrl_c(quick_zoo, workben
     frame = Store(url).runs()
     assert len(frame) == 20 and sorted(frame["spec_key"]) == sorted(keys)  # nothing lost, nothing twice
     failed = frame[frame["status"] == "failed"].set_index("spec_key")["failure_reason"].to_dict()
-    assert failed == {keys[12]: "worker killed by signal SIGSEGV", keys[17]: "timed out after 30 s"}
+    assert failed == {keys[12]: "worker killed by signal SIGSEGV", keys[17]: "timed out after 15 s"}
     assert (frame["status"] == "ok").sum() == 18
     assert f"{18 - done} ok, 2 failed, 0 skipped, {done} already stored, 0 not run" in second.stdout
 
