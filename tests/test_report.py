@@ -71,6 +71,21 @@ def two_reports(report_store: str, tmp_path_factory: pytest.TempPathFactory) -> 
     return outs
 
 
+def _offline_page(browser, viewport: dict, blocked: list[str]):
+    """A page with the network off: anything but a file:// URL is aborted and its URL kept in ``blocked``."""
+    context = browser.new_context(viewport=viewport)
+
+    def only_files(route):
+        if route.request.url.startswith("file://"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_files)
+    return context.new_page()
+
+
 def _cli() -> list[str]:
     return [sys.executable, "-m", "workbench.cli"]
 
@@ -174,17 +189,7 @@ def test_rendered_report_in_offline_chromium(two_reports: list[Path]) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 1280, "height": 900})
-
-            def only_files(route):  # the network is off: anything but the file itself is aborted
-                if route.request.url.startswith("file://"):
-                    route.continue_()
-                else:
-                    blocked.append(route.request.url)
-                    route.abort()
-
-            context.route("**/*", only_files)
-            page = context.new_page()
+            page = _offline_page(browser, {"width": 1280, "height": 900}, blocked)
             page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
             page.goto(page_file.as_uri(), wait_until="load", timeout=60_000)
             page.wait_for_selector(".main-svg", timeout=30_000)
@@ -244,10 +249,7 @@ def test_seed_report_decides_on_one_screen_at_1400px(seed_report: Path) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 1400, "height": SCREEN_PX})
-            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file://")
-                          else (blocked.append(route.request.url), route.abort()))
-            page = context.new_page()
+            page = _offline_page(browser, {"width": 1400, "height": SCREEN_PX}, blocked)
             page.on("pageerror", lambda err: errors.append(str(err)))
             page.goto(seed_report.as_uri(), wait_until="load", timeout=60_000)
             page.wait_for_selector(".main-svg", timeout=30_000)

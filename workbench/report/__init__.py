@@ -27,7 +27,7 @@ from workbench.report.params import (AUDIENCES, KERNEL_NAME, PARAM_KEYS, REPORT_
 from workbench.report.data import (best_choices, build_report, changes_since, decision, environments,
                                    learner_evaluation, machine_label, results_table, run_counts, summary_sentences)
 from workbench.report.sections import (FigureEmbedder, decision_html, environment_html, esc, evidence_html,
-                                       explanation_figures, explanation_html, failed_html, glossary_html, header_html,
+                                       explanation_figures, failed_html, glossary_html, header_html,
                                        learner_html, recommendations_html, section, summary_html, table_html,
                                        tradeoff_figure)
 from workbench.report.render import render_report, to_html
@@ -36,6 +36,6 @@ from workbench.report.render import render_report, to_html
 __all__ = ["AUDIENCES", "FigureEmbedder", "KERNEL_NAME", "PARAM_KEYS", "REPORT_NOTEBOOK", "ReportParams",
            "best_choices", "build_report", "changes_since", "check_filters", "check_store", "decision",
            "decision_html", "environment_html", "environments", "esc", "evidence_html", "explanation_figures",
-           "explanation_html", "failed_html", "glossary_html", "header_html", "learner_evaluation", "learner_html",
+           "failed_html", "glossary_html", "header_html", "learner_evaluation", "learner_html",
            "machine_label", "recommendations_html", "render_report", "results_table", "run_counts", "section",
            "summary_html", "summary_sentences", "table_html", "to_html", "tradeoff_figure"]

@@ -124,6 +124,7 @@ def tradeoff_figure(results: pd.DataFrame) -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    from workbench.names import configuration_name
     from workbench.quality import LOSS_SCALES
 
     modalities = sorted(results["modality"].astype(str).unique())
@@ -132,7 +133,7 @@ def tradeoff_figure(results: pd.DataFrame) -> Any:
     symbols = ["circle", "square", "diamond", "triangle-up", "x", "star"]
     machines = {machine: symbols[i % len(symbols)] for i, machine in enumerate(sorted(results["machine"].unique()))}
     for t, technique in enumerate(sorted(results["technique"].unique())):
-        title = _technique_title(technique)
+        title = configuration_name(technique)  # a bare technique: its title
         for m, modality in enumerate(modalities, start=1):
             part = results[(results["technique"] == technique) & (results["modality"] == modality)]
             if part.empty:
@@ -164,16 +165,6 @@ def tradeoff_figure(results: pd.DataFrame) -> Any:
     fig.update_layout(title="Speed against quality cost: up is faster, right loses more quality (symbol: machine)",
                       height=460, legend_title_text="technique", margin={"t": 70})
     return fig
-
-
-def _technique_title(technique: str) -> str:
-    from workbench import techniques
-
-    try:
-        cls = techniques.get(technique)
-    except Exception:
-        return technique.replace("_", " ")
-    return cls.title or cls.name.replace("_", " ")
 
 
 #: The evidence table's columns for people (header with unit <- results column).
@@ -247,11 +238,6 @@ def learner_html(data: dict[str, Any], embed: Any) -> str:
 def recommendations_html(data: dict[str, Any]) -> str:
     """Kept for callers of the earlier report: the learner's note (the learner section is :func:`learner_html`)."""
     return f"<div class='wb-report'><p class='note'>{esc(data['learner_note'])}</p></div>"
-
-
-def explanation_html(data: dict[str, Any]) -> str:
-    """The learner note in words (figures and rules come with :func:`learner_html`)."""
-    return recommendations_html(data)
 
 
 def explanation_figures(data: dict[str, Any]) -> list[Any]:
