@@ -95,12 +95,18 @@ LM_CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "early_exit": ("early_exit", _EARLY_EXIT, False),
     "int8-dynamic": ("quantization", {"scheme": "int8-dynamic", **_QUANT}, False),
     "bf16": ("quantization", {"scheme": "bf16", **_QUANT}, False),
+    # structured_sparsity LM rows
+    # ode_steps LM rows
+    # pruning LM rows
 }
 ENCODER_CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "baseline": ("baseline", {}, False),
     "early_exit": ("early_exit", _EARLY_EXIT, False),
     "int8-dynamic": ("quantization", {"scheme": "int8-dynamic", **_QUANT}, False),
     "bf16": ("quantization", {"scheme": "bf16", **_QUANT}, False),
+    # structured_sparsity encoder rows
+    # ode_steps encoder rows
+    # pruning encoder rows
 }
 
 def _params(families: dict[str, Any], cases: dict[str, Any]) -> list[Any]:

@@ -96,6 +96,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("weight_bits", "numeric", "configuration", "Technique.features: bits per weight of a quantized model"),
     Feature("exit_threshold", "numeric", "configuration", "Technique.features: confidence threshold of an exit"),
     Feature("step_policy", "categorical", "configuration", "Technique.features: the policy parameter"),
+    Feature("compute_fraction", "numeric", "configuration",
+            "Technique.features: share of the model's per-token work a configuration still does (1 - sparsity, "
+            "steps taken / steps trained, parameters kept / parameters), 1.0 when it skips none"),
     # pair descriptors (draft vs target)
     Feature("draft_cost_ratio", "numeric", "pair",
             "Technique.features: a priori cost of drafting relative to the target (parameters, or layers); "

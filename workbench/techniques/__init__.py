@@ -6,7 +6,8 @@ Example:
     True
 """
 
-from workbench.techniques import adaptive_steps, baseline, early_exit, quantization, speculative  # noqa: F401  (registers them)
+from workbench.techniques import (adaptive_steps, baseline, early_exit, ode_steps, pruning,  # noqa: F401  (registers them)
+                                  quantization, speculative, structured_sparsity)
 from workbench.techniques.base import (ExpertRule, Facts, Metric, Outcome, Param, Technique, TechniqueReport, Trial,
                                        get, names, register, registered)
 

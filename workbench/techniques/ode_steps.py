@@ -1,0 +1,1 @@
+"""ode_steps: being written (nothing registered yet)."""

@@ -1,0 +1,1 @@
+"""pruning: being written (nothing registered yet)."""

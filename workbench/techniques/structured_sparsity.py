@@ -1,0 +1,1 @@
+"""structured_sparsity: being written (nothing registered yet)."""
