@@ -45,7 +45,7 @@ def test_declares_the_contract(quick_zoo, name):
 
 
 @pytest.mark.parametrize("name, example", EXAMPLES, ids=[f"{n}-{e['model']}" for n, e in EXAMPLES])
-def test_runs_end_to_end_and_leaves_models_unchanged(quick_zoo, name, example):
+def test_runs_end_to_end_and_leaves_models_unchanged(quick_zoo, tmp_path, name, example):
     spec = spec_from_example(name, example)
     target = load_model(spec.model)
     before = {k: v.clone() for k, v in (target.model.unet if target.kind == "diffusion" else target.model).state_dict().items()}
@@ -69,6 +69,42 @@ def test_runs_end_to_end_and_leaves_models_unchanged(quick_zoo, name, example):
     again = load_model(spec.model)
     after = (again.model.unet if again.kind == "diffusion" else again.model).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    _appears_everywhere(name, example, spec, result, tmp_path)
+
+
+def _appears_everywhere(name: str, example: dict, spec: RunSpec, result, tmp_path) -> None:
+    """Registration is the only edit a technique needs: its run is stored, named for people in the report's
+    table, described to the learner by its own features, planned by a sweep and offered by the compare panel."""
+    from workbench.meta import features
+    from workbench.report.data import results_table
+    from workbench.store import Store
+    from workbench.sweep import parse_sweep, plan_sweep
+    from workbench.widgets import compare
+
+    cls = techniques.get(name)
+    # 1. The store keeps the typed report's fields as columns.
+    store = Store(f"sqlite:///{tmp_path / 'runs.sqlite'}")
+    store.append(result.to_row())
+    runs = store.runs()
+    assert list(runs["technique"]) == [name] and runs["status"].iloc[0] == "ok"
+    draft = example.get("draft")
+    if name != "baseline":  # the reference itself is no candidate: the report and the learner leave its A/A runs out
+        # 2. The report's table names the configuration as the technique does.
+        table = results_table(runs)
+        assert list(table["name"]) == [cls.display_name(dict(spec.technique.params), draft)]
+        # 3. The learner sees the technique's own features (configuration group), never its name in code.
+        row = features.run_features(runs).iloc[0]
+        for key, value in (runs["technique_features"].iloc[0] or {}).items():
+            if key in features.FEATURE_NAMES and isinstance(value, (int, float)) and value == value:
+                assert row[key] == pytest.approx(float(value)), key
+    # 4. A sweep plans it (plan-time checks included) and the compare panel offers it with its parameters.
+    params = ", ".join(f"{k}: {v!r}" for k, v in example.get("params", {}).items())
+    text = (f"models: [{example['model']}]\nworkloads: [{{name: {example['workload']}, max_items: 2}}]\n"
+            f"techniques: [{{name: {name}, params: {{{params}}}" + (f", draft: {draft}" if draft else "") + "}]\n")
+    planned = plan_sweep(parse_sweep(text))
+    assert [p.spec.technique.name for p in planned] == [name] and all(p.skip_reason is None for p in planned)
+    panel = compare(store=None, model=example["model"], workload=example["workload"], technique=name)
+    assert name in panel.technique.options and set(panel.param_widgets) == set(cls.params)
 
 
 def test_speculative_release_restores_the_draft_config(quick_zoo):

@@ -241,8 +241,8 @@ class Technique(ABC):
     @classmethod
     def settings_words(cls, params: dict[str, Any]) -> list[str]:
         """The settings that differ from their defaults, in words: ``["threshold 0.9"]``."""
-        return [f"{key.replace('_', ' ')} {value}" for key, value in sorted(params.items())
-                if value is not None and (key not in cls.params or str(value) != str(cls.params[key].default))]
+        return [f"{key.replace('_', ' ')} {_word(value)}" for key, value in sorted(params.items())
+                if value is not None and (key not in cls.params or _word(value) != _word(cls.params[key].default))]
 
     # -- validation --------------------------------------------------------------------------
     @classmethod
@@ -339,6 +339,11 @@ class ExpertRule:
     priority: int  # order among every registered technique's rules
     text: str  # the rule in words, for the evaluation table's notes
     applies: Callable[[pd.DataFrame], Any]  # feature rows -> boolean mask (a pandas Series)
+
+
+def _word(value: Any) -> str:
+    """A setting's value as written in names: booleans as stored keys spell them (true, false)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _coerce(tech: str, key: str, value: Any, param: Param) -> Any:
