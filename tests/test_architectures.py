@@ -97,7 +97,7 @@ LM_CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "bf16": ("quantization", {"scheme": "bf16", **_QUANT}, False),
     # structured_sparsity LM rows
     # ode_steps LM rows
-    # pruning LM rows
+    "pruning": ("pruning", {"heads_fraction": 0.5, "neurons_fraction": 0.25, "recovery_steps": 1, **_QUANT}, False),
 }
 ENCODER_CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "baseline": ("baseline", {}, False),
@@ -106,7 +106,7 @@ ENCODER_CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "bf16": ("quantization", {"scheme": "bf16", **_QUANT}, False),
     # structured_sparsity encoder rows
     # ode_steps encoder rows
-    # pruning encoder rows
+    "pruning": ("pruning", {"heads_fraction": 0.5, "neurons_fraction": 0.25, "recovery_steps": 1}, False),
 }
 
 def _params(families: dict[str, Any], cases: dict[str, Any]) -> list[Any]:
