@@ -95,7 +95,7 @@ LM_CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "early_exit": ("early_exit", _EARLY_EXIT, False),
     "int8-dynamic": ("quantization", {"scheme": "int8-dynamic", **_QUANT}, False),
     "bf16": ("quantization", {"scheme": "bf16", **_QUANT}, False),
-    # structured_sparsity LM rows
+    "structured_sparsity": ("structured_sparsity", {"groups": 4, "router_steps": 10, "quality_tokens": 64}, False),
     # ode_steps LM rows
     "pruning": ("pruning", {"heads_fraction": 0.5, "neurons_fraction": 0.25, "recovery_steps": 1, **_QUANT}, False),
 }
@@ -104,7 +104,7 @@ ENCODER_CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "early_exit": ("early_exit", _EARLY_EXIT, False),
     "int8-dynamic": ("quantization", {"scheme": "int8-dynamic", **_QUANT}, False),
     "bf16": ("quantization", {"scheme": "bf16", **_QUANT}, False),
-    # structured_sparsity encoder rows
+    "structured_sparsity": ("structured_sparsity", {"groups": 4, "router_steps": 10}, False),
     # ode_steps encoder rows
     "pruning": ("pruning", {"heads_fraction": 0.5, "neurons_fraction": 0.25, "recovery_steps": 1}, False),
 }
