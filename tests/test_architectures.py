@@ -96,7 +96,7 @@ LM_CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "int8-dynamic": ("quantization", {"scheme": "int8-dynamic", **_QUANT}, False),
     "bf16": ("quantization", {"scheme": "bf16", **_QUANT}, False),
     "structured_sparsity": ("structured_sparsity", {"groups": 4, "router_steps": 10, "quality_tokens": 64}, False),
-    # ode_steps LM rows
+    "ode_steps": ("ode_steps", {"quality_tokens": 64}, False),  # shared layers only: every family refused
     "pruning": ("pruning", {"heads_fraction": 0.5, "neurons_fraction": 0.25, "recovery_steps": 1, **_QUANT}, False),
 }
 ENCODER_CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -105,7 +105,7 @@ ENCODER_CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "int8-dynamic": ("quantization", {"scheme": "int8-dynamic", **_QUANT}, False),
     "bf16": ("quantization", {"scheme": "bf16", **_QUANT}, False),
     "structured_sparsity": ("structured_sparsity", {"groups": 4, "router_steps": 10}, False),
-    # ode_steps encoder rows
+    "ode_steps": ("ode_steps", {"quality_tokens": 64}, False),  # ALBERT runs (3 -> 1 step); others refused
     "pruning": ("pruning", {"heads_fraction": 0.5, "neurons_fraction": 0.25, "recovery_steps": 1}, False),
 }
 

@@ -1,4 +1,4 @@
-"""The offline tiny model zoo: six small real models trained locally, no network needed.
+"""The offline tiny model zoo: seven small real models trained locally, no network needed.
 
 | name               | kind        | what it is                                                        |
 |--------------------|-------------|-------------------------------------------------------------------|
@@ -8,8 +8,9 @@
 | ``code-classifier``| classifier  | BERT: code snippet -> stdlib package area (early exit has layers) |
 | ``digits-diffusion``| diffusion  | class-conditional UNet2DModel + DDIM, 8x8 digits                   |
 | ``digits-judge``   | judge       | CNN that says which digit an 8x8 image shows                      |
+| ``code-shared``    | causal_lm   | GPT-2 whose 8 blocks x 128 are one shared set of weights, trained with a random number of iterations per batch (ODE pre-training): ``ode_steps`` runs it in fewer, larger steps |
 
-Three more are built only when named (``workbench zoo build --extra``, or ``build(names=[...])``): siblings
+More are built only when named (``workbench zoo build --extra``, or ``build(names=[...])``): siblings
 that give the meta-learner's seed data more than one model of each shape, so that leaving one model out
 still leaves a similar one to learn from:
 
@@ -18,6 +19,12 @@ still leaves a similar one to learn from:
 | ``code-tall``           | causal_lm  | 12-layer x 96 GPT-2 (deep and narrow, like ``code-target``)    |
 | ``code-mid``            | causal_lm  | 4-layer x 320 GPT-2 (between ``code-target`` and ``code-wide``) |
 | ``code-classifier-deep``| classifier | 8-layer x 48 BERT snippet classifier                            |
+| ``code-shared-plain``   | causal_lm  | ``code-shared``'s plain sibling: same data, seed and steps, always 8 iterations |
+| ``code-classifier-shared`` | classifier | ALBERT (one layer x 64 applied 8 times) snippet classifier with ODE pre-training |
+| ``code-classifier-shared-plain`` | classifier | its plain sibling, always 8 iterations            |
+
+The shared pairs (trick and plain) are there for ``ode_steps`` and ``bench/ode_steps.py``: the same model
+trained with and without the random-iterations pre-training, to show what the trick buys.
 
 Each model lives in ``<root>/<name>/`` with the files its library expects (``save_pretrained``,
 safetensors only) and ``workbench_zoo.json`` (a :class:`ZooRecord`). Language models and the

