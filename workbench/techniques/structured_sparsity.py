@@ -204,6 +204,7 @@ class SparseFFN(nn.Module):
                                                                           requires_grad=False)
         self.router = nn.Linear(hidden, groups).to(device=site.down.device, dtype=site.down.dtype)
         self.router.requires_grad_(False)
+        self.register_buffer("neuron_offsets", torch.arange(size, device=site.down.device), persistent=False)
         self.act, self.gated = site.act, len(site.inputs) == 2
         self.groups, self.group_size, self.hidden, self.kept = groups, size, hidden, kept
         self.reset_counts()
@@ -241,16 +242,21 @@ class SparseFFN(nn.Module):
         return out if self.b_out is None else out + self.b_out
 
     def _one_token(self, x: torch.Tensor) -> torch.Tensor:
-        """The chosen groups of one token (H,) -> (H,), adjacent groups merged into one weight slice."""
-        chosen = sorted(torch.topk(self.router(x), self.kept).indices.tolist())
-        out = torch.zeros_like(x) if self.b_out is None else self.b_out.clone()
-        for start, stop in _runs(chosen):
-            pre = self.w_in[start:stop].reshape(-1, self.hidden) @ x  # ((stop-start)*n_in*gs,)
-            pre = pre.reshape(stop - start, -1, self.group_size)
-            if self.b_in is not None:
-                pre = pre + self.b_in[start:stop]
-            out.addmv_(self.w_out[start:stop].reshape(-1, self.hidden).T, self._hidden(pre).reshape(-1))
-        return out
+        """The chosen groups of one token (H,) -> (H,).
+
+        Up (and gate): one matrix-vector product per run of adjacent chosen groups, on a view of their
+        contiguous block. Down: one ``embedding_bag`` over the chosen neurons' rows of ``w_out``, weighted
+        by their hidden values: a gather-and-sum that reads only those rows and copies no weight.
+        """
+        chosen = torch.topk(self.router(x), self.kept).indices.sort().values  # (k,)
+        pre = [self.w_in[start:stop].reshape(-1, self.hidden) @ x for start, stop in _runs(chosen.tolist())]
+        pre = (torch.cat(pre) if len(pre) > 1 else pre[0]).reshape(self.kept, -1, self.group_size)
+        if self.b_in is not None:
+            pre = pre + self.b_in[chosen]
+        neurons = (chosen[:, None] * self.group_size + self.neuron_offsets).reshape(1, -1)  # (1, k*gs)
+        out = nn.functional.embedding_bag(neurons, self.w_out.reshape(-1, self.hidden), mode="sum",
+                                          per_sample_weights=self._hidden(pre).reshape(1, -1))[0]
+        return out if self.b_out is None else out + self.b_out
 
     def _dispatch(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, H) -> (N, H): each group runs on exactly the tokens whose top-k holds it."""
