@@ -30,8 +30,11 @@ int32 indices) beside the dense bytes as stored.
 
 An optional short recovery fine-tune (``recovery_steps``) trains the pruned copy on the calibration split
 (LM loss for causal LMs, cross-entropy on the calibration labels for classifiers); magnitude pruning keeps
-its zeros through it. Quality beside speed: perplexity change and next-token KL on the timed inputs' text
-(LMs), accuracy (the standard comparison) and label KL (classifiers).
+its zeros through it. The calibration split comes from the timed inputs' own distribution, so after
+recovery the perplexity on the timed text can fall below the unpruned model's (adaptation to the
+workload, not a better model); the next-token KL still measures how far the copy moved from the
+original. Quality beside speed: perplexity change and next-token KL on the timed inputs' text (LMs),
+accuracy (the standard comparison) and label KL (classifiers).
 
 Example:
     >>> from workbench.techniques.pruning import Pruning
@@ -417,7 +420,7 @@ def _fraction(value: float, name: str) -> None:
 
 @register
 class Pruning(Technique):
-    """Structured pruning (heads and FFN neurons removed: smaller matrices) or magnitude pruning (zeros, same shapes)."""
+    """Structured pruning (heads and FFN neurons removed: smaller matrices) or magnitude (zeros, same shapes)."""
 
     name = "pruning"
     applies_to = ("causal_lm", "classifier")
@@ -456,7 +459,7 @@ class Pruning(Technique):
     @classmethod
     def settings_words(cls, params: dict[str, Any]) -> list[str]:
         """``["25% heads", "25% neurons"]`` / ``["50% of weights"]``, then other non-default settings."""
-        config = {k: v for k, v in ({key: p.default for key, p in cls.params.items()} | params).items()}
+        config = {key: p.default for key, p in cls.params.items()} | {k: v for k, v in params.items() if v is not None}
         if config["method"] == "magnitude":
             words = [f"{100 * float(config['magnitude_sparsity']):.0f}% of weights"]
         else:
@@ -534,8 +537,8 @@ class Pruning(Technique):
                        Metric("kl_inputs", q["kl_inputs"], "inputs", None, "inputs scored", headline=False)]
         metrics.append(Metric("parameters_kept_percent", 100.0 * done["parameters_kept_fraction"], "%", None,
                               "parameters kept", headline=False))
-        return TechniqueReport(lossless=False, model_bytes=done["bytes_after"], bytes_read_per_token=done["bytes_after"],
-                               quality=metrics, internals=internals,
+        return TechniqueReport(lossless=False, model_bytes=done["bytes_after"],
+                               bytes_read_per_token=done["bytes_after"], quality=metrics, internals=internals,
                                features=self.features(self.config, self._model.info, None), headline=self._headline())
 
     def _headline(self) -> str:
@@ -556,7 +559,7 @@ class Pruning(Technique):
         """compute_fraction: parameters kept / parameters, estimated from the model's size alone (blocks of
         12 H^2: 4 H^2 attention, 8 H^2 FFN; the rest of the parameters, embeddings standing for the LM head's
         work, untouched); 1.0 for magnitude pruning, whose dense kernels do all the work."""
-        config = {key: p.default for key, p in cls.params.items()} | params
+        config = {key: p.default for key, p in cls.params.items()} | {k: v for k, v in params.items() if v is not None}
         if config["method"] == "magnitude":
             return {"compute_fraction": 1.0}
         heads, neurons = float(config["heads_fraction"]), float(config["neurons_fraction"])
