@@ -11,8 +11,8 @@ from workbench import runner
 from workbench.models.loading import load_model
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.techniques.base import Facts, Outcome, TechniqueParamError
-from workbench.techniques.structured_sparsity import (SparseFFN, StructuredSparsity, find_ffns, install,
-                                                      kept_groups, train_routers)
+from workbench.techniques.structured_sparsity import (SparseFFN, StructuredSparsity, cluster_neurons, find_ffns,
+                                                      install, kept_groups, train_routers)
 
 GROUPS = 4
 _DECODER = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -115,6 +115,22 @@ def test_regrouped_weights_are_contiguous_blocks_of_the_original():
     assert torch.equal(ffn.w_in[1, 1], mlp.up_proj.weight[size:2 * size])
     assert torch.equal(ffn.w_out[1], mlp.down_proj.weight[:, size:2 * size].T)
     assert torch.equal(ffn.b_in[1, 1], mlp.up_proj.bias[size:2 * size])
+
+
+def test_clustering_puts_neurons_that_fire_together_in_one_group_and_keeps_the_ffn():
+    # 12 neurons, interleaved: neuron i fires on the tokens of kind i % 3 only
+    kind = torch.arange(60) % 3
+    activations = (kind[:, None] == (torch.arange(12) % 3)[None]).float() * torch.rand(60, 12) + 0.01
+    order = cluster_neurons(activations, groups=3)
+    assert sorted(order.tolist()) == list(range(12))
+    assert all(len({int(n) % 3 for n in block}) == 1 for block in order.reshape(3, 4))
+    # a neuron order never changes the FFN itself
+    model = tiny("llama")
+    site = find_ffns(model)[0]
+    permuted = SparseFFN(site, GROUPS, GROUPS, torch.randperm(32, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(permuted(x), model.model.layers[0].mlp(x), atol=1e-5, rtol=1e-5)
 
 
 def test_routers_learn_to_rank_groups_better_than_chance():
