@@ -23,7 +23,7 @@ The load average before and after says how contended the machine was (other proc
 make every ratio noisier).
 
 Run: ``WORKBENCH_DATA=/tmp/fresh26/data python bench/structured_sparsity.py [--model zoo:smollm2-135m]
-[--sparsities 0.25,0.5,0.75] [--groups 16] [--prompts 4] [--new-tokens 24] [--repeats 3] [--router-steps 200]
+[--sparsities 0.25,0.5,0.75] [--groups 16] [--prompts 3] [--new-tokens 16] [--repeats 3] [--router-steps 200]
 [--threads N]``; encoder case: ``... --model zoo:minilm-l6``. Needs that zoo model built (exit code 2 when it
 is not).
 """
@@ -53,9 +53,9 @@ def main() -> int:
     parser.add_argument("--model", default="zoo:smollm2-135m", help="a causal LM or a classifier of a supported family")
     parser.add_argument("--sparsities", default="0.25,0.5,0.75", help="comma-separated, each in [0, 1)")
     parser.add_argument("--groups", type=int, default=16, help="neuron groups per FFN")
-    parser.add_argument("--prompts", type=int, default=4, help="timed prompts or batches (as many again calibrate)")
+    parser.add_argument("--prompts", type=int, default=3, help="timed prompts or batches (as many again calibrate)")
     parser.add_argument("--batch-size", type=int, default=16, help="classifiers: snippets per call")
-    parser.add_argument("--new-tokens", type=int, default=24, help="causal LMs: greedy tokens per prompt")
+    parser.add_argument("--new-tokens", type=int, default=16, help="causal LMs: greedy tokens per prompt")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts")
     parser.add_argument("--router-steps", type=int, default=200, help="Adam steps training the routers (untimed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -162,10 +162,13 @@ def _ffn_costs(model: Any, prepared: dict[str, StructuredSparsity], repeats: int
         variants[name] = (lambda fs: lambda: [f(x) for f in fs])(ffns)
         variants[f"{name} routers"] = (lambda fs: lambda: [torch.topk(f.router(x[0, 0]), f.kept).indices.tolist()
                                                            for f in fs])(ffns)
-    # 2. Interleaved rounds; medians of the rounds.
+    # 2. A warm-up (first calls of a shape are slow: kernel selection, allocations), then interleaved rounds;
+    # medians of the rounds.
     samples: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
-        for _ in range(max(3, 2 * repeats)):
+        for run_layers in variants.values():
+            timed(run_layers)
+        for _ in range(max(5, 2 * repeats)):
             for name, run_layers in variants.items():
                 samples[name].append(timed(run_layers))
     median = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
