@@ -40,6 +40,8 @@ demo: zoo zoo-real
 		--max-items 256 --batch-size 16 --repeats 5 --warmup 1
 	$(BIN)/workbench run --model zoo:minilm-l6 --technique early_exit --workload code-snippets \
 		--max-items 240 --batch-size 16 --repeats 3 --warmup 1
+	$(BIN)/workbench run --model zoo:code-shared --technique ode_steps --param steps=4 --workload code-prompts \
+		--max-items 8 --max-new-tokens 32 --repeats 3 --warmup 1
 	$(BIN)/workbench runs --since 1d
 	$(BIN)/workbench report --since 1d --out reports/demo.html
 	$(BIN)/workbench import data/seed/runs.parquet --store sqlite:///data/seed-runs.sqlite

@@ -77,7 +77,7 @@ def techniques() -> None:
 
 @zoo_app.command("build")
 def zoo_build(
-    names: Optional[list[str]] = typer.Argument(None, help="Models to build (default: the six of the demo); "
+    names: Optional[list[str]] = typer.Argument(None, help="Models to build (default: the seven of the demo); "
                                                 "smollm2-135m is a real pretrained model, converted from a pip wheel."),
     quick: bool = typer.Option(False, "--quick", help="Tiny configs and few steps (under a minute): for tests."),
     force: bool = typer.Option(False, "--force", help="Retrain models that are already built."),
