@@ -30,7 +30,7 @@ from workbench.models import zoo
 from workbench.models.loading import load_model
 from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
 from workbench.techniques._quantize import SCHEMES, quantize_copy, why_not_scheme
-from workbench.techniques.quantization import _distribution_quality
+from workbench.quality import copy_quality
 
 MIN_SPEEDUP = 2.0  # int8-dynamic forward speedup asked for
 MAX_PPL_CHANGE_PERCENT = 2.0
@@ -106,7 +106,7 @@ def _bench_model(name: str, args: argparse.Namespace) -> bool:
     print(f"{'fp32':<18}{'torch':<52}{'1.00 (reference)':<24}{'1.00 (reference)':<24}{'':>11}{'':>9}{base_mb:>7.2f}")
     met = False
     for scheme, report in reports.items():
-        quality = _distribution_quality(model, variants[scheme], prompts, spec.device, 2048)
+        quality = copy_quality(model, variants[scheme], prompts, spec.device, 2048)
         f, g = timings["forward"]["comparisons"][scheme], timings["generate"]["comparisons"][scheme]
         print(f"{scheme:<18}{report['library'][:50]:<52}{_ratio(f):<24}{_ratio(g):<24}"
               f"{quality['perplexity_change_percent']:>+10.2f}%{quality['next_token_kl_mean']:>9.4f}"

@@ -161,6 +161,48 @@ def lm_text_quality(tokenizer: Any, texts: list[str], reference: Any, technique:
     }
 
 
+def text_window(config: Any) -> int:
+    """Tokens per teacher-forced window for a model config: its context (``n_positions`` or
+    ``max_position_embeddings``), at most 512."""
+    return min(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 512, 512)
+
+
+def copy_quality(loaded: Any, other: Any, texts: list[str], device: str, max_tokens: int) -> dict[str, Any]:
+    """What a modified copy of a loaded model costs on the timed inputs' text, untimed.
+
+    Causal LMs: :func:`lm_text_quality` of the two (perplexity of both, its change, mean next-token KL);
+    classifiers: mean KL(original || copy) of the label distributions over ``texts``, in nats.
+
+    Args:
+        loaded: the :class:`~workbench.models.loading.LoadedModel` (its ``model``, ``tokenizer``, ``kind``).
+        other: the copy (quantized, pruned, sparse ...), called like ``loaded.model``.
+    """
+    import torch
+
+    tokenizer = loaded.tokenizer
+    with torch.inference_mode():
+        if loaded.kind == "classifier":
+            enc = tokenizer([t for t in texts if t], return_tensors="pt", padding=True, truncation=True).to(device)
+            p = torch.log_softmax(loaded.model(**enc).logits.float(), dim=-1)  # (B, C)
+            q = torch.log_softmax(other(**enc).logits.float(), dim=-1)
+            return {"label_kl_mean": float(torch.sum(p.exp() * (p - q), dim=-1).clamp_min(0).mean()),
+                    "kl_inputs": len(texts)}
+        # Language models: the workload's texts as one stream, in windows the model can take.
+        return lm_text_quality(tokenizer, texts, lambda ids: loaded.model(input_ids=ids).logits,
+                               lambda ids: other(input_ids=ids).logits, max_tokens, text_window(loaded.model.config),
+                               device)
+
+
+def copy_quality_metrics(q: Mapping[str, Any]) -> list[Any]:
+    """The typed metrics of :func:`copy_quality`'s figures, for either kind."""
+    from workbench.techniques.base import Metric
+
+    if "perplexity_change_percent" in q:
+        return lm_quality_metrics(q)
+    return [Metric("label_kl_mean", q["label_kl_mean"], "nats", False, "label KL"),
+            Metric("kl_inputs", q["kl_inputs"], "inputs", None, "inputs scored", headline=False)]
+
+
 def lm_quality_metrics(q: Mapping[str, Any]) -> list[Any]:
     """The typed metrics of :func:`lm_text_quality`'s figures (perplexity change and KL are the headline)."""
     from workbench.techniques.base import Metric

@@ -190,15 +190,6 @@ def ode_copy(model: nn.Module, steps: int) -> tuple[nn.Module, ResidualScale | N
     return twin, ResidualScale(residual_branches(twin), h=trained / steps)
 
 
-def _label_kl(model: nn.Module, twin: nn.Module, tokenizer: Any, texts: list[str], device: str) -> dict[str, Any]:
-    """Mean KL(model || twin) of the label distributions on ``texts`` (nats)."""
-    enc = tokenizer([t for t in texts if t], return_tensors="pt", padding=True, truncation=True).to(device)
-    with torch.inference_mode():
-        p = torch.log_softmax(model(**enc).logits.float(), dim=-1)  # (B, C)
-        q = torch.log_softmax(twin(**enc).logits.float(), dim=-1)
-    return {"label_kl_mean": float(torch.sum(p.exp() * (p - q), dim=-1).clamp_min(0).mean()), "kl_inputs": len(texts)}
-
-
 # ----------------------------------------------------------------------------------------------------
 # the technique
 # ----------------------------------------------------------------------------------------------------
@@ -260,14 +251,8 @@ class OdeSteps(Technique):
         self.copy_, self.scale_ = ode_copy(loaded.model, self.steps_)
         self.copy_.eval()
         # 3. Quality beside it, untimed: perplexity and KL on the timed text (LMs), label KL (classifiers).
-        if loaded.kind == "causal_lm":
-            config_ = loaded.model.config
-            window = min(getattr(config_, "n_positions", None) or config_.max_position_embeddings, 512)
-            self.quality_ = quality.lm_text_quality(
-                loaded.tokenizer, trial.texts, lambda ids: loaded.model(input_ids=ids).logits,
-                lambda ids: self.copy_(input_ids=ids).logits, self.config["quality_tokens"], window, trial.spec.device)
-        else:
-            self.quality_ = _label_kl(loaded.model, self.copy_, loaded.tokenizer, trial.texts, trial.spec.device)
+        self.quality_ = quality.copy_quality(loaded, self.copy_, trial.texts, trial.spec.device,
+                                             self.config["quality_tokens"])
 
     def run(self, batch: Any) -> CallOutput:
         if self._model.kind == "causal_lm":
@@ -275,12 +260,7 @@ class OdeSteps(Technique):
         return classify(self.copy_, batch)
 
     def report(self, outcome: Outcome) -> TechniqueReport:
-        if self._model.kind == "causal_lm":
-            metrics = quality.lm_quality_metrics(self.quality_)
-        else:
-            metrics = [Metric("label_kl_mean", self.quality_["label_kl_mean"], "nats", False, "label KL"),
-                       Metric("kl_inputs", self.quality_["kl_inputs"], "inputs", None, "inputs scored",
-                              headline=False)]
+        metrics = quality.copy_quality_metrics(self.quality_)
         h = self.trained_ / self.steps_
         metrics.append(Metric("step_size", h, "", None, "step size h", headline=False))
         model_bytes = describe_module(self.copy_)["model_bytes"]

@@ -61,7 +61,6 @@ from workbench.models.loading import describe_module
 from workbench.techniques._execute import classify, generate
 from workbench.techniques.base import (Facts, Metric, Outcome, Param, Technique, TechniqueParamError, TechniqueReport,
                                        Trial, register)
-from workbench.techniques.quantization import _distribution_quality
 
 METHODS = ("structured", "magnitude")
 
@@ -514,8 +513,8 @@ class Pruning(Technique):
             self._recovery = recover(self._pruned, model.kind, trial.calibration, cfg["recovery_steps"],
                                      cfg["recovery_learning_rate"], model.tokenizer.pad_token_id)
         # 3. Quality needing both models side by side (untimed), on the timed inputs' text.
-        self._quality = _distribution_quality(model, self._pruned, trial.texts, trial.spec.device,
-                                              cfg["quality_tokens"])
+        self._quality = quality.copy_quality(model, self._pruned, trial.texts, trial.spec.device,
+                                             cfg["quality_tokens"])
 
     def run(self, batch: Any) -> CallOutput:
         if self._model.kind == "causal_lm":
@@ -530,11 +529,7 @@ class Pruning(Technique):
             internals["importance"] = _importance_summary(self._scores)
             internals["selection"] = ("uniform per layer: each layer's least important units removed, ranked on the "
                                       "calibration split (never the timed inputs)")
-        if "perplexity_change_percent" in q:
-            metrics = quality.lm_quality_metrics(q)
-        else:
-            metrics = [Metric("label_kl_mean", q["label_kl_mean"], "nats", False, "label KL"),
-                       Metric("kl_inputs", q["kl_inputs"], "inputs", None, "inputs scored", headline=False)]
+        metrics = quality.copy_quality_metrics(q)
         metrics.append(Metric("parameters_kept_percent", 100.0 * done["parameters_kept_fraction"], "%", None,
                               "parameters kept", headline=False))
         return TechniqueReport(lossless=False, model_bytes=done["bytes_after"],

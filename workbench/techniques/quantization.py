@@ -26,8 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from workbench import quality
 from workbench.measure import CallOutput
 from workbench.techniques._execute import classify, generate
@@ -35,7 +33,7 @@ from workbench.errors import NotApplicableError
 from workbench.techniques import _sensitivity
 from workbench.techniques._quantize import (SCHEMES, WHOLE_MODEL_CASTS, linear_layer_names, match_layers,
                                             quantize_copy, why_not_scheme)
-from workbench.techniques.base import (ExpertRule, Facts, Metric, Outcome, Param, Technique, TechniqueParamError,
+from workbench.techniques.base import (ExpertRule, Facts, Outcome, Param, Technique, TechniqueParamError,
                                        TechniqueReport, Trial, register)
 
 WIDE_HIDDEN_SIZE = 256  # expert rule: a model this wide is matmul-bound on CPU, where int8 pays
@@ -120,7 +118,7 @@ class Quantization(Technique):
         # 2. The quantized copy and what really changed.
         self._quantized, self._report = quantize_copy(model.model, self.config["scheme"], keep_float=keep)
         # 3. Quality that needs both models side by side (untimed): perplexity and KL on the timed inputs' text.
-        self._quality = _distribution_quality(model, self._quantized, trial.texts, trial.spec.device,
+        self._quality = quality.copy_quality(model, self._quantized, trial.texts, trial.spec.device,
                                               self.config["quality_tokens"])
 
     def _keep_float(self, trial: Trial) -> set[str]:
@@ -147,7 +145,8 @@ class Quantization(Technique):
         texts = [t for batch in trial.calibration for t in batch.texts if t]
         ids = model.tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0][:cfg["quality_tokens"]]
         mixed = _sensitivity.MixedPrecision(model.model, cfg["scheme"])
-        found = _sensitivity.search_keep_float(model.model, cfg["scheme"], ids.to(spec.device), _window(model),
+        window = quality.text_window(model.model.config)
+        found = _sensitivity.search_keep_float(model.model, cfg["scheme"], ids.to(spec.device), window,
                                                budget, mixed=mixed)
         # 2. A few greedy steps timed side by side with float on the calibration prompts; the fastest
         # within the budget is the operating point (the chosen step unless a timed one beats it).
@@ -173,12 +172,7 @@ class Quantization(Technique):
         internals = {**done, "compression": compression}
         if self._search is not None:
             internals["sensitivity_search"] = self._search
-        q = self._quality
-        if "perplexity_change_percent" in q:
-            metrics = quality.lm_quality_metrics(q)
-        else:
-            metrics = [Metric("label_kl_mean", q["label_kl_mean"], "nats", False, "label KL"),
-                       Metric("kl_inputs", q["kl_inputs"], "inputs", None, "inputs scored", headline=False)]
+        metrics = quality.copy_quality_metrics(self._quality)
         return TechniqueReport(
             lossless=False, model_bytes=after, bytes_read_per_token=after, quality=metrics, internals=internals,
             features=self.features(self.config, self._model.info, None),
@@ -226,24 +220,3 @@ def parse_keep_float(text: str | None) -> list[str]:
         raise TechniqueParamError(f"quantization parameter keep_float={text!r} mixes 'auto' with layer names: use "
                                   "keep_float=auto alone, or the layer names alone")
     return patterns
-
-
-def _window(model: Any) -> int:
-    """Tokens per teacher-forced window: the model's context, at most 512."""
-    return min(getattr(model.model.config, "n_positions", None) or getattr(
-        model.model.config, "max_position_embeddings", 512), 512)
-
-
-def _distribution_quality(model: Any, quantized: Any, texts: list[str], device: str,
-                          max_tokens: int) -> dict[str, Any]:
-    """Perplexity of both models (LMs) and mean KL(original || quantized) of their output distributions."""
-    tokenizer = model.tokenizer
-    with torch.inference_mode():
-        if model.kind == "classifier":
-            enc = tokenizer([t for t in texts if t], return_tensors="pt", padding=True, truncation=True).to(device)
-            p = torch.log_softmax(model.model(**enc).logits.float(), dim=-1)
-            q = torch.log_softmax(quantized(**enc).logits.float(), dim=-1)
-            return {"label_kl_mean": float(torch.sum(p.exp() * (p - q), dim=-1).clamp_min(0).mean()), "kl_inputs": len(texts)}
-        # Language models: the workload's texts as one stream, in windows the model can take.
-        return quality.lm_text_quality(tokenizer, texts, lambda ids: model.model(input_ids=ids).logits,
-                                       lambda ids: quantized(input_ids=ids).logits, max_tokens, _window(model), device)

@@ -64,12 +64,13 @@ import torch
 from torch import nn
 
 from workbench.errors import NotApplicableError
+from workbench import quality
 from workbench.measure import CallOutput
 from workbench.models.loading import describe_module
 from workbench.techniques._execute import classify, generate
 from workbench.techniques.base import (ExpertRule, Facts, Metric, Outcome, Param, Technique, TechniqueParamError,
                                        TechniqueReport, Trial, register)
-from workbench.techniques.quantization import Quantization, _distribution_quality
+from workbench.techniques.quantization import Quantization
 
 #: config model_type -> the FFN layout :func:`find_ffns` reads (checked from config.json before loading).
 FFN_LAYOUTS = {"llama": "gated", "qwen2": "gated", "mistral": "gated", "gemma": "gated", "phi3": "fused gate_up",
@@ -584,8 +585,8 @@ class StructuredSparsity(Technique):
         install(self._copy, sites, self._ffns)
         del sites, inputs, importance
         # 6. Quality beside speed, untimed: LMs perplexity and KL on the timed inputs' text, classifiers label KL.
-        self._quality = _distribution_quality(trial.model, self._copy, trial.texts, trial.spec.device,
-                                              self.config["quality_tokens"])
+        self._quality = quality.copy_quality(trial.model, self._copy, trial.texts, trial.spec.device,
+                                             self.config["quality_tokens"])
         self._reset()
 
     def _calibration_inputs(self, trial: Trial) -> list[dict[str, torch.Tensor]]:
@@ -649,14 +650,7 @@ class StructuredSparsity(Technique):
             "router_parameters": sum(f.router.weight.numel() + f.router.bias.numel() for f in self._ffns),
         }
         # 2. Quality in the model kind's units.
-        q = self._quality
-        if "perplexity_change_percent" in q:
-            from workbench import quality
-
-            metrics = quality.lm_quality_metrics(q)
-        else:
-            metrics = [Metric("label_kl_mean", q["label_kl_mean"], "nats", False, "label KL"),
-                       Metric("kl_inputs", q["kl_inputs"], "inputs", None, "inputs scored", headline=False)]
+        metrics = quality.copy_quality_metrics(self._quality)
         metrics.append(Metric("router_top_k_recall", self.training_["held_out_recall"], "", True,
                               "router top-k recall", headline=False))
         # 3. The report.
