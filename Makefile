@@ -51,8 +51,10 @@ demo: zoo zoo-real
 	$(BIN)/workbench recommend --model zoo:smollm2-135m --workload code-prompts --max-items 4 \
 		--learner-path data/seed-runs.learner.skops --plan data/next-runs.yaml
 
-# Two pytest-xdist workers, whole files per worker (module fixtures built once); TEST_WORKERS=0 runs serially.
-TEST_WORKERS ?= 2
+# pytest-xdist workers, whole files per worker (module fixtures built once): one more than the cores, since tests
+# also wait (on subprocesses, servers, timeouts) and two workers kept 2 cores only 150% busy; TEST_WORKERS=0 runs
+# serially.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(len(os.sched_getaffinity(0)) + 1)")
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
@@ -70,10 +72,13 @@ bench: zoo
 	$(BIN)/python bench/early_exit.py
 	$(BIN)/python bench/adaptive_steps.py
 	$(BIN)/python bench/quantization.py
+	$(BIN)/python bench/ode_steps.py
 	$(BIN)/python bench/store.py
 
-bench-real: zoo-real
+bench-real: zoo zoo-real
 	$(BIN)/python bench/real_models.py
+	$(BIN)/python bench/structured_sparsity.py
+	$(BIN)/python bench/pruning.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
