@@ -52,11 +52,13 @@ demo: zoo zoo-real
 		--learner-path data/seed-runs.learner.skops --plan data/next-runs.yaml
 
 # Two pytest-xdist workers, whole files per worker (module fixtures built once); TEST_WORKERS=0 runs serially.
-# (Three workers on 2 cores were slower: 15:54 of tests against 14:18, 2026-12-02.)
+# (Three workers on 2 cores were slower: 15:54 of tests against 14:18, 2026-12-02.) --no-loadscope-reorder keeps
+# tests/conftest.py's longest-files-first order: xdist otherwise sorts files by how many tests they hold, which
+# left long files of few tests (JupyterLab, plan-time checks, the pretrained zoo) to run last, one worker idle.
 TEST_WORKERS ?= 2
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Headless Chromium for the browser tests (report and JupyterLab); Debian's package, when we may install it.
 # Without it those tests are skipped with a reason and everything else still runs.

@@ -75,11 +75,14 @@ def workbench_cmd() -> list[str]:
 
 
 #: The files that take longest (minutes on 2 cores), longest first. pytest-xdist's --dist loadfile hands
-#: whole files to its workers in collection order, so starting these first keeps one worker from running
+#: whole files to its workers in collection order when told --no-loadscope-reorder (the Makefile does; by
+#: default it sorts files by their number of tests), so starting these first keeps one worker from running
 #: a long file alone at the end (longest-processing-time-first scheduling). Other files follow in order.
-LONGEST_FILES = ("test_meta.py", "test_sweep.py", "test_report.py", "test_technique_plugin.py",
-                 "test_plan_time_checks.py", "test_jupyterlab_browser.py", "test_pretrained_zoo.py",
-                 "test_widgets.py", "test_notebooks.py", "test_noise.py")
+LONGEST_FILES = ("test_meta.py", "test_speculative.py", "test_cli.py", "test_sweep.py", "test_early_exit.py",
+                 "test_architectures.py", "test_report.py", "test_technique_plugin.py", "test_plan_time_checks.py",
+                 "test_pretrained_zoo.py", "test_widgets.py", "test_jupyterlab_browser.py", "test_quantization.py",
+                 "test_techniques.py", "test_notebooks.py", "test_draft.py", "test_noise.py", "test_zoo.py",
+                 "test_adaptive_steps.py", "test_sampled_quality.py")  # by total duration, 2026-12-02 (--durations=0)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
