@@ -12,12 +12,12 @@ STAMP  := $(VENV)/.installed
 # families and diffusers pipelines this project never loads (a third of the 330 MB of Python installed).
 NEVER_IMPORTED := /tests?/|/transformers/models/(?!(auto|gpt2|llama|bert|gpt_neox|opt|albert|roberta|qwen2|mistral|gemma|electra|distilbert|encoder_decoder)/)[^/]+/|/diffusers/pipelines/(?!(ddpm|ddim)/)[^/]+/
 
-.PHONY: install zoo zoo-real zoo-quick demo test browser bench bench-real clean
+.PHONY: install zoo zoo-real zoo-quick demo test services bench bench-real clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev,cluster]'
 	-$(BIN)/python -m compileall -qq -j 0 -x '$(NEVER_IMPORTED)' $(VENV)/lib >/dev/null
 	@touch $(STAMP)
 
@@ -57,15 +57,20 @@ demo: zoo zoo-real
 # left long files of few tests (JupyterLab, plan-time checks, the pretrained zoo) to run last, one worker idle.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) browser
+test: $(STAMP) services
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-# Headless Chromium for the browser tests (report and JupyterLab); Debian's package, when we may install it.
-# Without it those tests are skipped with a reason and everything else still runs.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
-		{ apt-get update -qq && apt-get install -y -qq chromium; } >/dev/null 2>&1; } || \
-		echo "chromium is not installable here: browser tests will be skipped"
+# Debian's packages the tests drive for real, when we may install them: headless Chromium (report and
+# JupyterLab browser tests) and the PostgreSQL server binaries (the store's suite and the Ray cluster test
+# start their own server on loopback; nothing is started here). Without them those tests are skipped with
+# the install hint and everything else still runs.
+PG_CTL := $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl) $(shell command -v pg_ctl))
+MISSING_PACKAGES := $(if $(shell command -v chromium),,chromium) $(if $(PG_CTL),,postgresql)
+
+services:
+	@[ -z "$(strip $(MISSING_PACKAGES))" ] || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(MISSING_PACKAGES); } \
+		>/dev/null 2>&1; } || echo "$(MISSING_PACKAGES) not installable here: their tests will be skipped"
 
 bench: zoo
 	$(BIN)/python bench/overhead.py

@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,13 +79,37 @@ def workbench_cmd() -> list[str]:
 #: whole files to its workers in collection order when told --no-loadscope-reorder (the Makefile does; by
 #: default it sorts files by their number of tests), so starting these first keeps one worker from running
 #: a long file alone at the end (longest-processing-time-first scheduling). Other files follow in order.
-LONGEST_FILES = ("test_meta.py", "test_speculative.py", "test_cli.py", "test_sweep.py", "test_early_exit.py",
-                 "test_architectures.py", "test_report.py", "test_technique_plugin.py", "test_plan_time_checks.py",
-                 "test_pretrained_zoo.py", "test_widgets.py", "test_jupyterlab_browser.py", "test_quantization.py",
-                 "test_techniques.py", "test_notebooks.py", "test_draft.py", "test_noise.py", "test_zoo.py",
-                 "test_adaptive_steps.py", "test_sampled_quality.py")  # by total duration, 2026-12-02 (--durations=0)
+LONGEST_FILES = ("test_meta.py", "test_cluster.py", "test_speculative.py", "test_cli.py", "test_sweep.py",
+                 "test_early_exit.py", "test_architectures.py", "test_report.py", "test_technique_plugin.py",
+                 "test_team_store.py", "test_plan_time_checks.py", "test_pretrained_zoo.py", "test_widgets.py",
+                 "test_jupyterlab_browser.py", "test_quantization.py", "test_techniques.py", "test_notebooks.py",
+                 "test_draft.py", "test_noise.py", "test_zoo.py", "test_adaptive_steps.py", "test_sampled_quality.py",
+                 "test_store.py", "test_store_concurrency.py")
+# by total duration, 2026-12-02 (--durations=0); test_cluster (~150 s), test_team_store (~45 s) and the store
+# files (~35 s with PostgreSQL) placed by their durations of 2026-12-07
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Any:
+    """A real PostgreSQL server on loopback for this session (per xdist worker); skipped without the binaries."""
+    from pg_server import INSTALL_HINT, PostgresServer, find_bindir
+
+    if find_bindir() is None:
+        pytest.skip(f"PostgreSQL server binaries not found: {INSTALL_HINT}")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install 'workbench[cluster]'")
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of a new, empty store: a SQLite file, then a database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'nested' / 'folder' / 'runs.sqlite'}"
+    return request.getfixturevalue("postgres").new_database()

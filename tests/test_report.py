@@ -178,7 +178,7 @@ def test_a_failing_cell_leaves_the_earlier_html(report_store: str, tmp_path: Pat
 # -- the page in a browser, offline ---------------------------------------------------------------
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium, or `make browser`)")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium, or `make services`)")
 def test_rendered_report_in_offline_chromium(two_reports: list[Path]) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -239,7 +239,7 @@ def test_seed_report_is_small_and_its_notebook_carries_no_plotly(seed_report: Pa
     assert page.count("plotly.js (basic - minified)") == 1  # the partial bundle, inlined once
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium, or `make browser`)")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium, or `make services`)")
 def test_seed_report_decides_on_one_screen_at_1400px(seed_report: Path) -> None:
     from playwright.sync_api import sync_playwright
 

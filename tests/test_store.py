@@ -1,4 +1,6 @@
-"""The results store on real SQLite files: round trips, filters, refusals and transactions."""
+"""The results store on real SQLite files and a real PostgreSQL server: round trips, filters, refusals and
+transactions. Tests taking ``store`` or ``store_url`` run on both (``[sqlite]``, ``[postgresql]``; the server
+is started by tests/pg_server.py, skipped with the install hint without its binaries)."""
 
 from __future__ import annotations
 
@@ -47,15 +49,22 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Store:
-    with Store(f"sqlite:///{db_path}") as opened:
+def store(store_url: str) -> Store:
+    with Store(store_url) as opened:
         yield opened
+
+
+def raw(store: Store, sql: str) -> list[tuple]:
+    """Rows of a SQL statement run on the store's database directly (not through the Store API)."""
+    with store.engine.begin() as conn:
+        result = conn.exec_driver_sql(sql)
+        return [tuple(row) for row in result] if result.returns_rows else []
 
 
 # -- round trip ------------------------------------------------------------------------------------
 
 
-def test_round_trip_keeps_every_column_and_turns_nan_into_none(store: Store, db_path: Path) -> None:
+def test_round_trip_keeps_every_column_and_turns_nan_into_none(store: Store) -> None:
     created = dt.datetime(2024, 5, 1, 14, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
     row = make_row(
         created_at=created,
@@ -78,7 +87,6 @@ def test_round_trip_keeps_every_column_and_turns_nan_into_none(store: Store, db_
     run_id = store.append(row)
     got = store.get(run_id)
 
-    assert db_path.is_file()  # parent folders were created
     assert got["created_at"] == dt.datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
     assert got["summary"] == {"latency_s_median": 0.012, "latency_s_p90": None}
     assert got["samples"] == {"latency_s": [0.011, 0.012, None]}
@@ -88,7 +96,7 @@ def test_round_trip_keeps_every_column_and_turns_nan_into_none(store: Store, db_
     assert got["schema_version"] == SCHEMA_VERSION and got["workbench_version"]
     assert got["draft"] == "tiny-gpt2-draft" and got["failure_reason"] is None
     # Stored as plain JSON text, never pickled.
-    text = sqlite3.connect(db_path).execute("SELECT summary FROM runs").fetchone()[0]
+    text = raw(store, "SELECT summary FROM runs")[0][0]
     assert text == '{"latency_s_median": 0.012, "latency_s_p90": null}'
 
     frame = store.runs()
@@ -204,8 +212,10 @@ def test_failing_append_many_keeps_earlier_rows_and_adds_none(store: Store) -> N
     assert store.count() == 3
 
 
-def test_sqlite_store_uses_wal_and_foreign_keys(store: Store, db_path: Path) -> None:
+def test_sqlite_store_uses_wal_and_foreign_keys(db_path: Path) -> None:
+    store = Store(f"sqlite:///{db_path}")
     store.append(make_row())
+    assert db_path.is_file()  # parent folders were created
     assert sqlite3.connect(db_path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -214,8 +224,8 @@ def test_sqlite_store_uses_wal_and_foreign_keys(store: Store, db_path: Path) -> 
     assert "ix_runs_model_created_at" in indexes
 
 
-def test_reopening_a_store_keeps_its_rows(db_path: Path) -> None:
-    url = f"sqlite:///{db_path}"
+def test_reopening_a_store_keeps_its_rows(store_url: str) -> None:
+    url = store_url
     with Store(url) as first:
         run_id = first.append(make_row())
     with Store(url) as second:
@@ -252,15 +262,14 @@ def test_refuses_a_file_that_is_not_a_database_without_touching_it(tmp_path: Pat
     assert sha256(path) == before and sorted(os.listdir(tmp_path)) == ["notes.sqlite"]
 
 
-def test_refuses_a_store_with_a_newer_schema(db_path: Path) -> None:
-    Store(f"sqlite:///{db_path}").close()
-    with sqlite3.connect(db_path) as conn:
-        newer = str(SCHEMA_VERSION + 1)
-        conn.execute("UPDATE workbench_meta SET value = ? WHERE key = 'schema_version'", (newer,))
-    conn.close()
+def test_refuses_a_store_with_a_newer_schema(store_url: str) -> None:
+    with Store(store_url) as store:
+        store.append(make_row())
+        raw(store, f"UPDATE workbench_meta SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version'")
 
-    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer.*upgrade workbench"):
-        Store(f"sqlite:///{db_path}")
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer.*upgrade workbench") as info:
+        Store(store_url)
+    assert "\n" not in str(info.value)
 
 
 def test_unparsable_and_unknown_urls_are_one_line_errors(tmp_path: Path) -> None:
@@ -304,3 +313,84 @@ def test_json_columns_are_the_documented_ones() -> None:
         "params", "environment", "spec", "summary", "samples", "quality", "internals", "outputs",
         "quality_metrics", "technique_features", "resources", "noise",
     }
+
+
+# -- PostgreSQL: a real server ------------------------------------------------------------------------
+
+
+def test_postgres_refuses_a_runs_table_it_did_not_create_and_leaves_it(postgres: Any) -> None:
+    url = postgres.new_database()
+    database = url.rsplit("/", 1)[1]
+    postgres.execute("CREATE TABLE runs (id integer PRIMARY KEY, total real)", database)
+    postgres.execute("INSERT INTO runs VALUES (1, 9.5)", database)
+
+    with pytest.raises(StoreError, match="has a 'runs' table that workbench did not create.*untouched") as info:
+        Store(url)
+
+    assert "\n" not in str(info.value) and postgres.password not in str(info.value)
+    assert postgres.execute("SELECT id, total FROM runs", database) == [(1, 9.5)]
+    tables = {row[0] for row in postgres.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
+                                                  database)}
+    assert tables == {"runs"}  # nothing was created beside it
+
+
+def test_postgres_shares_a_database_with_other_tables_and_keeps_them(postgres: Any) -> None:
+    url = postgres.new_database()
+    database = url.rsplit("/", 1)[1]
+    postgres.execute("CREATE TABLE invoices (id integer PRIMARY KEY)", database)
+    postgres.execute("INSERT INTO invoices VALUES (7)", database)
+
+    with Store(url) as store:
+        store.append(make_row())
+        assert store.count() == 1
+
+    assert postgres.execute("SELECT id FROM invoices", database) == [(7,)]
+
+
+def test_postgres_wrong_password_is_one_line_that_never_prints_a_password(postgres: Any) -> None:
+    wrong = "Wrong-Secret-" + "9" * 6
+    url = postgres.url(postgres.new_database().rsplit("/", 1)[1], password=wrong)
+
+    with pytest.raises(StoreError, match="cannot reach the store.*password authentication failed") as info:
+        Store(url)
+
+    message = str(info.value)
+    assert "\n" not in message and wrong not in message and postgres.password not in message
+    assert "workbench:***@127.0.0.1" in message
+
+
+def test_a_server_that_accepts_and_never_answers_times_out_in_one_line() -> None:
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install 'workbench[cluster]'")
+    import socket
+    import threading
+
+    from workbench.store import CONNECT_TIMEOUT_S
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+
+    def accept_and_stay_silent() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_stay_silent, daemon=True).start()
+    url = f"postgresql://u:Silent-Pass-1@127.0.0.1:{listener.getsockname()[1]}/db"
+    started = time.perf_counter()
+    try:
+        with pytest.raises(StoreError, match="cannot reach the store") as info:
+            Store(url)
+        elapsed_s = time.perf_counter() - started
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+    message = str(info.value)
+    assert accepted, "the client never connected, so nothing was tested"
+    assert elapsed_s < CONNECT_TIMEOUT_S + 5  # bounded: the driver's timeout, or the store's own watchdog
+    assert "\n" not in message and "Silent-Pass-1" not in message and "u:***@127.0.0.1" in message

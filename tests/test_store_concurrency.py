@@ -1,7 +1,7 @@
-"""The store under concurrency and across schema versions.
+"""The store under concurrency and across schema versions, on a SQLite file and on a real PostgreSQL server.
 
-Two writer processes and a reader open one *new* SQLite file at the same moment (so they also race to
-create the schema), the writers append rows one by one and in batches while the reader queries, and
+Two writer processes and a reader open one *new* store (a SQLite file, or an empty PostgreSQL database)
+at the same moment (so they also race to create the schema), the writers append rows one by one and in batches while the reader queries, and
 afterwards every row is there exactly once. Refusing foreign or corrupt files without touching them is
 tested in tests/test_store.py (test_refuses_a_sqlite_file_with_other_tables_without_touching_it,
 test_refuses_a_file_that_is_not_a_database_without_touching_it, test_refuses_a_store_with_a_newer_schema).
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from workbench.store import SCHEMA_VERSION, Store
 
@@ -73,8 +73,8 @@ def _repeats() -> list[int]:
 
 
 @pytest.mark.parametrize("attempt", _repeats())
-def test_two_writers_and_a_reader_lose_and_duplicate_nothing(tmp_path: Path, attempt: int) -> None:
-    url = f"sqlite:///{tmp_path / f'shared-{attempt}.sqlite'}"  # a new file: all three race to create it
+def test_two_writers_and_a_reader_lose_and_duplicate_nothing(tmp_path: Path, store_url: str, attempt: int) -> None:
+    url = store_url  # a new file or database: all three race to create the schema
     stop = tmp_path / "stop"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     # 1. Start the reader and both writers at once.
@@ -99,43 +99,39 @@ def test_two_writers_and_a_reader_lose_and_duplicate_nothing(tmp_path: Path, att
     assert report["last"] == 2 * ROWS_PER_WRITER and report["reads"] >= 1
 
 
-def _older_store(path: Path, version: int, spec_key: str) -> None:
+def _older_store(url: str, version: int, spec_key: str) -> None:
     """A store as the release of schema ``version`` wrote it, with one row: 3 had no noise columns, 2 no
     report columns either, 1 not the (spec_key, status) index either."""
     from workbench.store import COLUMNS_ADDED
 
-    store = Store(f"sqlite:///{path}")
+    store = Store(url)
     store.append({"spec_key": spec_key, "status": "ok", "model": "m", "workload": "w", "technique": "baseline",
                   "device": "cpu", "dtype": "float32", "seed": 0, "repeats": 1, "warmup": 0})
-    store.close()
-    with sqlite3.connect(path) as conn:
+    with store.engine.begin() as conn:
         for added in range(version + 1, max(COLUMNS_ADDED) + 1):
             for name in COLUMNS_ADDED.get(added, ()):
-                conn.execute(f"ALTER TABLE runs DROP COLUMN {name}")
+                conn.exec_driver_sql(f"ALTER TABLE runs DROP COLUMN {name}")
         if version < 2:
-            conn.execute("DROP INDEX ix_runs_spec_key_status")
-        conn.execute(f"UPDATE workbench_meta SET value = '{version}' WHERE key = 'schema_version'")
-    conn.close()
+            conn.exec_driver_sql("DROP INDEX ix_runs_spec_key_status")
+        conn.exec_driver_sql(f"UPDATE workbench_meta SET value = '{version}' WHERE key = 'schema_version'")
+    store.close()
 
 
-def test_an_older_store_is_migrated_forward_and_keeps_its_rows(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite"
-    _older_store(path, 1, "k")
-    reopened = Store(f"sqlite:///{path}")
+def test_an_older_store_is_migrated_forward_and_keeps_its_rows(store_url: str) -> None:
+    _older_store(store_url, 1, "k")
+    reopened = Store(store_url)
     assert reopened.schema_version() == SCHEMA_VERSION == 4
     assert reopened.count() == 1 and reopened.has_ok_run("k")
-    with sqlite3.connect(path) as conn:
-        indexes = {row[1] for row in conn.execute("PRAGMA index_list(runs)")}
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
-    conn.close()
+    inspector = sa.inspect(reopened.engine)
+    indexes = {index["name"] for index in inspector.get_indexes("runs")}
+    columns = {column["name"] for column in inspector.get_columns("runs")}
     assert "ix_runs_spec_key_status" in indexes
     assert {"lossless", "quality_metrics", "model_digest", "noisy", "noise"} <= columns
 
 
-def test_a_schema_2_store_gains_the_report_columns_and_keeps_its_rows(tmp_path: Path) -> None:
-    path = tmp_path / "v2.sqlite"
-    _older_store(path, 2, "old")
-    reopened = Store(f"sqlite:///{path}")
+def test_a_schema_2_store_gains_the_report_columns_and_keeps_its_rows(store_url: str) -> None:
+    _older_store(store_url, 2, "old")
+    reopened = Store(store_url)
     assert reopened.schema_version() == 4
     reopened.append({"spec_key": "new", "status": "ok", "model": "m", "workload": "w", "technique": "baseline",
                      "device": "cpu", "dtype": "float32", "seed": 0, "repeats": 1, "warmup": 0, "lossless": True,
