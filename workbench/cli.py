@@ -247,11 +247,15 @@ def sweep(
         None, "--max-memory", help="GB of address space per run's worker (overrides the file)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check and list the runs; run nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help="Run on a Ray cluster: auto (the one started on this machine) or HEAD:PORT; each run "
+                            "on a node of its `hardware:` label, rows written by the nodes to --store."),
 ) -> None:
     """Run a sweep file, each run in its own worker process; a crash or timeout fails one run only.
 
-    The format is described in `workbench.sweep`. Exit codes: 0 all runs ok or skipped, 1 some run
-    failed (stored with its reason), 2 bad input, 130 interrupted (finished runs are stored).
+    The format is described in `workbench.sweep`; `--ray` and the cluster set-up in `workbench.cluster`.
+    Exit codes: 0 all runs ok or skipped, 1 some run failed (stored with its reason), 2 bad input,
+    130 interrupted (finished runs are stored).
     """
     import signal
 
@@ -262,8 +266,11 @@ def sweep(
     parsed = sweeps.read_sweep(sweep_file)
     limits = WorkerLimits(timeout_per_run if timeout_per_run is not None else parsed.timeout_per_run_s,
                           max_memory if max_memory is not None else parsed.max_memory_gb)
+    if ray is None and any(spec.hardware is not None for spec in parsed.specs):
+        raise WorkbenchError(f"{parsed.source}: `hardware:` labels choose nodes of a Ray cluster: add --ray auto "
+                             "(or --ray HEAD:PORT), or remove `hardware:` to run here")
     results_store = _open_store(store) if not dry_run or resume else None
-    planned = sweeps.plan_sweep(parsed)
+    planned = sweeps.plan_sweep(parsed, here=ray is None)
     done = sweeps.done_keys(results_store, parsed.specs) if resume else set()
     skipped = sum(p.skip_reason is not None for p in planned)
     typer.echo(f"{parsed.source}: {len(planned)} runs, {skipped} not applicable here (stored as skipped), "
@@ -277,8 +284,14 @@ def sweep(
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and a sweep must still stop on it.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    outcome = sweeps.run_sweep(parsed, results_store, resume=resume, limits=limits, progress=not quiet,
-                               planned=planned)
+    if ray is not None:
+        from workbench.cluster import run_sweep_on_ray
+
+        outcome = run_sweep_on_ray(parsed, results_store, address=ray, resume=resume, limits=limits,
+                                   progress=not quiet, planned=planned)
+    else:
+        outcome = sweeps.run_sweep(parsed, results_store, resume=resume, limits=limits, progress=not quiet,
+                                   planned=planned)
     typer.echo(f"{outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} skipped, "
                f"{outcome.already_done} already stored, {outcome.missing} not run; "
                f"{outcome.wall_s:.0f} s; store {results_store.url}")

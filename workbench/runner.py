@@ -206,8 +206,11 @@ def skipped_result(spec: RunSpec, reason: str, environment: dict[str, Any]) -> R
                      model_name=canonical_name(spec.model), draft_name=canonical_name(draft) if draft else None)
 
 
-def plan(spec: RunSpec) -> Plan:
+def plan(spec: RunSpec, here: bool = True) -> Plan:
     """Validate a spec without loading weights; raises a one-line WorkbenchError on bad input.
+
+    ``here=False`` plans a run another machine will execute (a cluster node): what only that machine can
+    tell (is a GPU there?) is left to it.
 
     Raises:
         NotApplicableError: the spec is valid but cannot run here (the technique refuses these model
@@ -233,7 +236,7 @@ def plan(spec: RunSpec) -> Plan:
     reason = technique.check(facts, spec)
     if reason:
         raise NotApplicableError(reason)
-    if spec.device.startswith("cuda"):
+    if here and spec.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():

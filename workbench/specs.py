@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ from workbench.errors import WorkbenchError
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
+#: What a hardware label may be (it becomes a Ray resource name, ``wb-hw:LABEL``).
+HARDWARE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class SpecError(WorkbenchError, ValueError):
@@ -156,6 +159,8 @@ class RunSpec:
     margin_percent: float = 2.0  # equivalence band of the verdict: |speedup - 1| within it is "no practical
     # difference"; how a result is judged, not what is measured (not in the key)
     labels: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # free-form tags, not in the key
+    hardware: str | None = None  # the kind of machine to run on, for a cluster (``workbench sweep --ray``): a
+    # label its nodes advertise, e.g. "cpu-epyc" or "gpu-h100"; None: any node of the run's device kind
 
     def __post_init__(self) -> None:
         for name, cls in (("model", ModelSpec), ("workload", WorkloadSpec), ("technique", TechniqueSpec)):
@@ -176,6 +181,11 @@ class RunSpec:
             f"threads={self.threads!r} is invalid: use a positive integer or None for torch's default",
         )
         _check(
+            self.hardware is None or (isinstance(self.hardware, str) and HARDWARE_LABEL.fullmatch(self.hardware)),
+            f"hardware={self.hardware!r} is invalid: use a short label of letters, digits, '-', '_' or '.', "
+            "e.g. cpu-epyc or gpu-h100",
+        )
+        _check(
             isinstance(self.margin_percent, (int, float)) and not isinstance(self.margin_percent, bool)
             and 0.0 <= float(self.margin_percent) < 100.0,
             f"margin_percent={self.margin_percent!r} is invalid: use a number of percent from 0 to 100, e.g. 2",
@@ -189,10 +199,13 @@ class RunSpec:
         return data
 
     def key(self) -> str:
-        """A sha256 hex digest of the fields that change the measurement (labels excluded)."""
+        """A sha256 hex digest of the fields that change the measurement (labels excluded; a hardware label
+        included when set, so one configuration measured on two kinds of machine is two runs)."""
         data = self.to_dict()
         data.pop("labels")
         data.pop("margin_percent")  # judges the result, does not change the measurement
+        if data["hardware"] is None:  # runs keyed before hardware labels existed keep their keys
+            data.pop("hardware")
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -215,6 +228,7 @@ class RunSpec:
             threads=data.get("threads"),
             margin_percent=data.get("margin_percent", 2.0),
             labels=tuple(sorted(data.get("labels", {}).items())),
+            hardware=data.get("hardware"),
         )
 
 

@@ -14,6 +14,7 @@ The sweep file (every key but ``models``, ``workloads`` and ``techniques`` is op
       - {name: speculative, draft: zoo:code-draft, grid: {num_assistant_tokens: [2, 4]}}
       - {name: quantization, params: {scheme: int8-dynamic}}
     devices: [cpu]               # default [cpu]; a device not present here is recorded as skipped
+    hardware: [cpu-a, cpu-b]     # with --ray: run everything on each kind of node (its label); default: any node
     dtypes: [float32]            # default [float32]
     seeds: [0, 1]                # default [0]; each seed is its own run (inputs and sampling)
     repeats: 3                   # timed passes per run (default 5)
@@ -24,7 +25,7 @@ The sweep file (every key but ``models``, ``workloads`` and ``techniques`` is op
     max_memory_gb: 8             # address-space cap per worker (--max-memory overrides)
 
 The runs are the cartesian product models x workloads x techniques (each grid expanded) x devices x
-dtypes x seeds, in that nesting order; a workload entry without its own ``seed`` takes the run's seed,
+hardware x dtypes x seeds, in that nesting order; a workload entry without its own ``seed`` takes the run's seed,
 as ``workbench run --seed`` does. A combination that cannot run here (a technique that does not apply to
 a model kind, a GPU device on a CPU machine) is stored as *skipped* with its reason. Anything else that
 is wrong (YAML syntax, an unknown key, a bad value, an unknown model, a bad workload line, a duplicate
@@ -60,12 +61,12 @@ from typing import Any
 import yaml
 
 from workbench.errors import NotApplicableError, WorkbenchError
-from workbench.specs import DTYPES, ModelSpec, RunSpec, SpecError, TechniqueSpec, WorkloadSpec
+from workbench.specs import DTYPES, HARDWARE_LABEL, ModelSpec, RunSpec, SpecError, TechniqueSpec, WorkloadSpec
 from workbench.worker import WorkerLimits, run_isolated
 
 #: Top-level keys of a sweep file, and the keys of its entries.
 SWEEP_KEYS = ("name", "models", "workloads", "techniques", "devices", "dtypes", "seeds", "repeats", "warmup",
-              "threads", "margin_percent", "timeout_per_run_s", "max_memory_gb", "labels")
+              "threads", "margin_percent", "timeout_per_run_s", "max_memory_gb", "labels", "hardware")
 MODEL_KEYS = ("name", "revision", "trust_remote_code", "allow_pickle")
 WORKLOAD_KEYS = ("name", "max_items", "max_new_tokens", "batch_size", "num_inference_steps", "seed")
 TECHNIQUE_KEYS = ("name", "params", "grid", "draft")
@@ -227,6 +228,11 @@ def parse_sweep(text: str, source: str = "<sweep>") -> Sweep:
     for i, device in enumerate(devices):
         if device.split(":", 1)[0] not in ("cpu", "cuda"):
             raise check.error(data["devices"], i, f"devices[{i}]={device!r} is unknown: use cpu, cuda or cuda:N")
+    hardware = check.scalar_list(data, "hardware", str, [None])
+    for i, label in enumerate(hardware):
+        if label is not None and not HARDWARE_LABEL.fullmatch(label):
+            raise check.error(data["hardware"], i, f"hardware[{i}]={label!r} is invalid: use a label of letters, "
+                                                   "digits, '-', '_' or '.', e.g. cpu-epyc or gpu-h100")
     dtypes = check.scalar_list(data, "dtypes", str, ["float32"])
     for i, dtype in enumerate(dtypes):
         if dtype not in DTYPES:
@@ -247,20 +253,20 @@ def parse_sweep(text: str, source: str = "<sweep>") -> Sweep:
         labels["sweep"] = name
     # 4. The cartesian product, counted before it is built.
     variants = [(technique, origin) for group, origin in techniques for technique in group]
-    size = len(models) * len(workloads) * len(variants) * len(devices) * len(dtypes) * len(seeds)
+    size = len(models) * len(workloads) * len(variants) * len(devices) * len(hardware) * len(dtypes) * len(seeds)
     if size > MAX_RUNS:
         raise SweepError(f"{source}: the sweep expands to {size:,} runs, more than {MAX_RUNS:,}: split it into "
                          "several files or narrow a grid")
     specs, origins, seen = [], [], {}
-    for (model, m_origin), (workload, w_origin), (technique, t_origin), device, dtype, seed in itertools.product(
-        models, workloads, variants, devices, dtypes, seeds,
+    for (model, m_origin), (workload, w_origin), (technique, t_origin), device, label, dtype, seed in itertools.product(
+        models, workloads, variants, devices, hardware, dtypes, seeds,
     ):
         origin = f"{m_origin}, {w_origin}, {t_origin}"
         try:
             wl = WorkloadSpec(**{"seed": seed, **workload})
             spec = RunSpec(model=model, workload=wl, technique=technique, device=device, dtype=dtype, seed=seed,
                            repeats=repeats, warmup=warmup, threads=threads, margin_percent=margin,
-                           labels=tuple(sorted(labels.items())))
+                           labels=tuple(sorted(labels.items())), hardware=label)
         except SpecError as err:
             raise SweepError(f"{source}: {origin}: {err}") from None
         key = spec.key()
@@ -479,8 +485,10 @@ def _is_scalar(value: Any) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def plan_sweep(sweep: Sweep) -> list[PlannedRun]:
+def plan_sweep(sweep: Sweep, here: bool = True) -> list[PlannedRun]:
     """Plan every run without loading weights; a run that cannot work here is marked skipped.
+
+    ``here=False``: the runs go to cluster nodes, which judge their own hardware (see ``runner.plan``).
 
     Raises:
         SweepError: the first run whose plan fails for a reason the user must fix (unknown model or
@@ -491,7 +499,7 @@ def plan_sweep(sweep: Sweep) -> list[PlannedRun]:
     planned = []
     for index, (spec, origin) in enumerate(zip(sweep.specs, sweep.origins)):
         try:
-            planned.append(PlannedRun(index, spec, plan=runner.plan(spec)))
+            planned.append(PlannedRun(index, spec, plan=runner.plan(spec, here=here)))
         except NotApplicableError as err:
             planned.append(PlannedRun(index, spec, skip_reason=str(err)))
         except WorkbenchError as err:
@@ -511,12 +519,57 @@ def describe(spec: RunSpec) -> str:
     if spec.technique.draft is not None:
         params.append(f"draft={spec.technique.draft.name}")
     technique = spec.technique.name + (f"({', '.join(params)})" if params else "")
-    return f"{spec.model.name} {spec.workload.name} {technique} {spec.device} {spec.dtype} seed {spec.seed}"
+    where = spec.device if spec.hardware is None else f"{spec.device}@{spec.hardware}"
+    return f"{spec.model.name} {spec.workload.name} {technique} {where} {spec.dtype} seed {spec.seed}"
 
 
 # ----------------------------------------------------------------------------------------------------
 # running
 # ----------------------------------------------------------------------------------------------------
+
+
+def prepare(sweep: Sweep | list[RunSpec], store: Any, resume: bool, limits: WorkerLimits | None,
+            planned: list[PlannedRun] | None) -> tuple[WorkerLimits, SweepOutcome, list[PlannedRun]]:
+    """The start of every sweep, here or on a cluster: plan (if not done), the limits, and the runs to do."""
+    if not isinstance(sweep, Sweep):
+        sweep = sweep_of(list(sweep))
+    planned = plan_sweep(sweep) if planned is None else planned
+    limits = limits or WorkerLimits(sweep.timeout_per_run_s, sweep.max_memory_gb)
+    done = done_keys(store, [p.spec for p in planned]) if resume else set()
+    todo = [p for p in planned if p.spec.key() not in done]
+    return limits, SweepOutcome(total=len(planned), already_done=len(planned) - len(todo)), todo
+
+
+def record(outcome: SweepOutcome, item: PlannedRun, row: dict[str, Any], bar: Any, store: Any = None) -> None:
+    """Count one finished run (storing its row first when ``store`` is given) and show it on the bar.
+
+    ``row`` is a store row, or what a cluster node answered after storing it (``run_id``, ``status``,
+    ``failure_reason``)."""
+    run_id = store.append(row) if store is not None else row["run_id"]
+    if run_id is not None:  # None: a cluster node stored the row but its answer was lost
+        outcome.run_ids.append(run_id)
+    status = row["status"]
+    setattr(outcome, status, getattr(outcome, status) + 1)
+    if status == "failed":
+        outcome.failures.append((item.index, row.get("failure_reason") or ""))
+        bar.write(f"run {item.index} failed: {row.get('failure_reason')}  [{describe(item.spec)}]")
+    bar.set_postfix(ok=outcome.ok, failed=outcome.failed, skipped=outcome.skipped)
+    bar.update(1)
+
+
+def _environments() -> Any:
+    """``environment(spec)``: this machine's fingerprint for the spec's device kind, taken once per kind."""
+    from workbench.environment import fingerprint
+
+    taken: dict[str, dict[str, Any]] = {}
+
+    def environment(spec: RunSpec) -> dict[str, Any]:
+        device = spec.device.split(":")[0]
+        if device not in taken:
+            taken[device] = fingerprint(device=device)
+        return taken[device]
+
+    return environment
 
 
 def done_keys(store: Any, specs: list[RunSpec]) -> set[str]:
@@ -566,27 +619,12 @@ def run_sweep(sweep: Sweep | list[RunSpec], store: Any, resume: bool = False, li
     """
     from tqdm.auto import tqdm
 
-    from workbench.environment import fingerprint
     from workbench.runner import skipped_result
 
     started = time.perf_counter()
-    if not isinstance(sweep, Sweep):
-        sweep = sweep_of(list(sweep))
     # 1. Plan all (bad input stops here), then drop what the store already has.
-    planned = plan_sweep(sweep) if planned is None else planned
-    limits = limits or WorkerLimits(sweep.timeout_per_run_s, sweep.max_memory_gb)
-    outcome = SweepOutcome(total=len(planned))
-    done = done_keys(store, [p.spec for p in planned]) if resume else set()
-    todo = [p for p in planned if p.spec.key() not in done]
-    outcome.already_done = len(planned) - len(todo)
-    environments: dict[str, dict[str, Any]] = {}
-
-    def environment(spec: RunSpec) -> dict[str, Any]:
-        device = spec.device.split(":")[0]
-        if device not in environments:
-            environments[device] = fingerprint(device=device)
-        return environments[device]
-
+    limits, outcome, todo = prepare(sweep, store, resume, limits, planned)
+    environment = _environments()
     # 2. One worker per run; each row stored as it arrives.
     bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
     try:
@@ -596,14 +634,7 @@ def run_sweep(sweep: Sweep | list[RunSpec], store: Any, resume: bool = False, li
                 row = skipped_result(item.spec, item.skip_reason, environment(item.spec)).to_row()
             else:
                 row = run_isolated(item.plan, limits, index=item.index, environment=environment(item.spec))
-            outcome.run_ids.append(store.append(row))
-            status = row["status"]
-            setattr(outcome, status, getattr(outcome, status) + 1)
-            if status == "failed":
-                outcome.failures.append((item.index, row.get("failure_reason") or ""))
-                bar.write(f"run {item.index} failed: {row.get('failure_reason')}  [{describe(item.spec)}]")
-            bar.set_postfix(ok=outcome.ok, failed=outcome.failed, skipped=outcome.skipped)
-            bar.update(1)
+            record(outcome, item, row, bar, store)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
