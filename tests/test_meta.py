@@ -15,6 +15,7 @@ from workbench.errors import WorkbenchError
 from workbench.meta import evaluate, features, persist
 from workbench.meta.learner import Budget, MetaLearner
 from workbench.meta.recommend import recommend, train
+from workbench.store import Store
 
 UNSEEN_MODEL = "zoo:code-wide"  # never in the training store
 
@@ -152,6 +153,7 @@ def test_learn_command_prints_the_table(meta_store: str, tmp_path: Path, cli_env
 
 
 def test_learn_on_an_empty_store_says_what_to_do(tmp_path: Path, cli_env: dict, workbench_cmd: list) -> None:
+    Store(f"sqlite:///{tmp_path / 'empty.sqlite'}").close()  # a store with no runs (a missing one is refused)
     done = subprocess.run([*workbench_cmd, "learn", "--store", f"sqlite:///{tmp_path / 'empty.sqlite'}",
                            "--out", str(tmp_path / "l.skops")], env=cli_env, capture_output=True, text=True,
                           timeout=300)

@@ -105,6 +105,7 @@ SECTIONS = {
     "seeds": st.one_of(st.lists(st.integers(-1, 3), max_size=2), JUNK),
     "repeats": SCALARS, "warmup": SCALARS, "threads": SCALARS, "margin_percent": SCALARS, "timeout_per_run_s": SCALARS,
     "max_memory_gb": SCALARS, "name": SCALARS, "labels": JUNK,
+    "hardware": st.one_of(st.lists(st.sampled_from(["cpu-a", "gpu-h100", "cpu b!", "", "x" * 80]), max_size=2), JUNK),
 }
 assert set(SECTIONS) == set(SWEEP_KEYS)
 REQUIRED = ("models", "workloads", "techniques")

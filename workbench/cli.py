@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Any, Optional
 
 import typer
@@ -36,10 +37,12 @@ def _dump(value: Any) -> str:
     return json.dumps(json_safe(value), indent=2, default=str, allow_nan=False)
 
 
-def _open_store(url: Optional[str]) -> Any:
+def _open_store(url: Optional[str], read: bool = False) -> Any:
+    """The store at ``url`` (default: data/'s SQLite file). ``read``: a store named by URL must exist already,
+    so a typo'd path is an error, not an empty store."""
     from workbench.store import Store
 
-    return Store(url)
+    return Store(url, create=not read or url is None)
 
 
 @app.command()
@@ -320,7 +323,7 @@ def runs(
 
     if fmt not in ("table", "csv", "json"):
         raise WorkbenchError(f"--format {fmt!r} is unknown: use table, csv or json")
-    frame = _open_store(store).runs(since=since, model=model, technique=technique)
+    frame = _open_store(store, read=True).runs(since=since, model=model, technique=technique)
     view = _runs_view(frame)
     if fmt == "json":
         typer.echo(_dump(view.to_dict(orient="records")))
@@ -424,12 +427,14 @@ def export_command(
     out: str = typer.Option(..., "--out", help="The parquet bundle to write, e.g. runs.parquet."),
     store: Optional[str] = typer.Option(None, "--store", help="SQLAlchemy URL (default: SQLite under data/)."),
     since: Optional[str] = typer.Option(None, "--since", help="Only runs newer than this: 7d, 12h or a date."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle even with no runs."),
 ) -> None:
     """Export stored runs to a parquet bundle, to pool results across machines."""
     from workbench.exchange import export_runs
 
-    source = _open_store(store)
-    typer.echo(f"exported {export_runs(source, out, since=since)} runs from {source.url} to {out}")
+    source = _open_store(store, read=True)
+    count = export_runs(source, out, since=since, replace_with_empty=force)
+    typer.echo(f"exported {count} runs from {source.url} to {out}")
 
 
 @app.command("import")
@@ -470,6 +475,15 @@ def _quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    original = warnings.showwarning
+
+    def one_line(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if category.__module__.startswith("workbench"):  # ours are written for people: one line, no source
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from workbench.errors import WorkbenchError
+from workbench.paths import write_atomically
 from workbench.store import COLUMNS_ADDED, JSON_COLUMNS, RUN_COLUMNS, Store, to_json
 from workbench.store.schema import _INT_COLUMNS
 
@@ -28,17 +29,27 @@ BUNDLE_FORMAT = "workbench-runs-bundle"
 BUNDLE_VERSION = 1
 
 
-def export_runs(store: Store, out: str | Path, since: str | None = None) -> int:
-    """Write the store's runs (newer than ``since``, if given) to a parquet bundle; returns the count."""
+def export_runs(store: Store, out: str | Path, since: str | None = None, replace_with_empty: bool = False) -> int:
+    """Write the store's runs (newer than ``since``, if given) to a parquet bundle; returns the count.
+
+    The bundle is written beside ``out`` and moved into place whole, so a full disk or a crash leaves the old
+    file as it was; an existing bundle is never replaced by one with no runs unless ``replace_with_empty``.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    out = Path(out)
+    if out.is_dir():
+        raise WorkbenchError(f"--out {str(out)!r} is a folder: name a file in it, e.g. {str(out / 'runs.parquet')!r}")
     # 1. Read, and turn JSON columns back into canonical JSON text.
     frame = store.runs(since=since)
+    if frame.empty and out.exists() and not replace_with_empty:
+        window = f" since {since}" if since else ""
+        raise WorkbenchError(f"no runs to export from {store.url}{window}: the existing {str(out)!r} was left as it "
+                             "is (check --store and --since, or pass --force to replace it with an empty bundle)")
     for name in JSON_COLUMNS:
         frame[name] = [None if value is None else to_json(value, name) for value in frame[name]]
-    # 2. Write with the bundle's format in the file metadata.
-    out = Path(out)
+    # 2. Write with the bundle's format in the file metadata, then move it into place.
     if out.suffix != ".parquet":
         raise WorkbenchError(f"bundle path {str(out)!r} does not end in .parquet: use e.g. runs.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -46,8 +57,9 @@ def export_runs(store: Store, out: str | Path, since: str | None = None) -> int:
     metadata = dict(table.schema.metadata or {})
     metadata[b"workbench"] = json.dumps({"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
                                          "source": store.url}).encode()
-    pq.write_table(table.replace_schema_metadata(metadata), out)
+    write_atomically(out, lambda path: pq.write_table(table.replace_schema_metadata(metadata), path))
     return len(frame)
+
 
 
 def read_bundle(path: str | Path) -> pd.DataFrame:

@@ -36,7 +36,8 @@ from workbench.specs import RunSpec
 from workbench.techniques import get as get_technique
 from workbench.techniques.base import Facts, Outcome, Technique, TechniqueReport, Trial
 from workbench.techniques.baseline import Baseline
-from workbench.workloads import Workload, check_compatible, load_calibration, load_workload, make_batches
+from workbench.workloads import (Workload, check_compatible, check_fits, load_calibration, load_workload,
+                                 make_batches)
 from workbench.workloads import CALIBRATION_SEED_OFFSET
 
 
@@ -225,11 +226,12 @@ def plan(spec: RunSpec, here: bool = True) -> Plan:
     # 3. The model (and draft) files: found, of a kind the workload fits, safe to load.
     model = read_facts(spec.model)
     check_compatible(workload, model.kind)
+    check_fits(workload, spec.workload, model)
     draft = read_facts(spec.technique.draft) if spec.technique.draft is not None else None
     for facts, model_spec in ((model, spec.model), (draft, spec.technique.draft)):
         if facts is not None and facts.weights == "pickle" and not model_spec.allow_pickle:
             raise NotApplicableError(
-                f"model {model_spec.name!r} ships only pickle-based weights, which can run code when loaded: "
+                f"model {model_spec.name!r} ships pickle-based weights (a folder of it has no safetensors), which can run code when loaded: "
                 "convert it to safetensors, or opt in with allow_pickle=True if you trust its source")
     facts = Facts(model, draft, spec.device, len(calibration.items))
     # 4. The technique's own verdict on these facts, still before any weight loads.

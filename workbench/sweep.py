@@ -228,7 +228,7 @@ def parse_sweep(text: str, source: str = "<sweep>") -> Sweep:
     for i, device in enumerate(devices):
         if device.split(":", 1)[0] not in ("cpu", "cuda"):
             raise check.error(data["devices"], i, f"devices[{i}]={device!r} is unknown: use cpu, cuda or cuda:N")
-    hardware = check.scalar_list(data, "hardware", str, [None])
+    hardware = check.scalar_list(data, "hardware", str, ["cpu-epyc"]) if "hardware" in data else [None]
     for i, label in enumerate(hardware):
         if label is not None and not HARDWARE_LABEL.fullmatch(label):
             raise check.error(data["hardware"], i, f"hardware[{i}]={label!r} is invalid: use a label of letters, "

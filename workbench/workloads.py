@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,6 +173,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 f"{path}:{number}: not valid JSON ({exc.msg}): write one object per line, "
                 'e.g. {"prompt": "def add(a, b):"}'
             ) from None
+        except RecursionError:
+            raise WorkloadError(f"{path}:{number}: JSON nested too deeply: a workload line is one flat object, "
+                                'e.g. {"prompt": "def add(a, b):"}') from None
         if not isinstance(item, dict):
             raise WorkloadError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
         _check_item(item, path, number)
@@ -280,3 +284,42 @@ def _label_index(label: int | str, loaded: Any) -> int:
     if label not in label2id:
         raise WorkloadError(f"label {label!r} is not one of the model's labels {sorted(label2id)}")
     return int(label2id[label])
+
+
+def check_fits(workload: Workload, spec: WorkloadSpec, facts: Any) -> None:
+    """Plan-time: the inputs are ones the model can take (``facts``: its :class:`ModelFacts`).
+
+    A text model needs its tokenizer files; a causal LM's longest prompt plus ``max_new_tokens`` must fit
+    its position limit (past it, learned position tables index out of range mid-run); a classifier's
+    labels must be among its head's. Each failure is one WorkloadError naming the value and the fix.
+    """
+    from workbench.models.facts import TOKENIZER_FILES, prompt_tokens
+
+    if facts.kind in ("causal_lm", "classifier") and not facts.has_tokenizer:
+        raise WorkloadError(f"model {facts.name!r} has no readable tokenizer in {facts.location!r} (one of "
+                            f"{', '.join(TOKENIZER_FILES)}): save it beside the weights with "
+                            "tokenizer.save_pretrained(folder)")
+    if facts.kind == "causal_lm" and facts.max_positions:
+        lengths = prompt_tokens(facts, [item["prompt"] for item in workload.items]) or [0]
+        longest = max(lengths)
+        need = longest + spec.max_new_tokens
+        if need > facts.max_positions:
+            room = facts.max_positions - longest
+            fix = (f"lower --max-new-tokens to at most {room}" if room > 0
+                   else f"shorten prompt {lengths.index(longest)} or use a model with a longer context")
+            raise WorkloadError(
+                f"workload {workload.name!r}: its longest prompt ({longest} tokens) plus --max-new-tokens "
+                f"{spec.max_new_tokens} is {need} tokens, beyond the position limit of {facts.max_positions} of "
+                f"model {facts.name!r}: {fix}")
+    if facts.kind == "classifier" and facts.num_labels:
+        for i, item in enumerate(workload.items):
+            label = item.get("label")
+            if isinstance(label, int) and not 0 <= label < facts.num_labels:
+                raise WorkloadError(f"workload {workload.name!r} item {i} has label {label}, but model {facts.name!r} "
+                                    f"scores {facts.num_labels} labels (0 to {facts.num_labels - 1}): fix the label, "
+                                    "or use a model trained on these labels")
+            if isinstance(label, str) and facts.label_names is not None and label not in facts.label_names:
+                close = difflib.get_close_matches(label, facts.label_names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; its labels: {', '.join(facts.label_names[:10])}"
+                raise WorkloadError(f"workload {workload.name!r} item {i} has label {label!r}, not one of model "
+                                    f"{facts.name!r}'s labels{hint}")

@@ -29,7 +29,9 @@ def learn(store_url: str | None = None, out: str | Path | None = None, learner: 
     if learner not in LEARNERS:
         raise WorkbenchError(f"--learner {learner!r} is unknown: use one of {', '.join(LEARNERS)}")
     parsed = Budget.parse(budget)
-    store = Store(store_url)
+    if out is not None and Path(out).is_dir():  # before minutes of evaluation, not after
+        raise WorkbenchError(f"--out {str(out)!r} is a folder: name a file in it, e.g. {str(Path(out) / 'learner.skops')!r}")
+    store = Store(store_url, create=store_url is None)  # a named store must exist: a typo is not "no runs"
     runs = store.runs(since=since)
     table = features.training_table(features.run_features(runs))
     if len(table) < 2:

@@ -90,9 +90,11 @@ def save(learner: MetaLearner, path: str | Path | None = None) -> Path:
         if hasattr(learner, name):
             meta["state"][name] = getattr(learner, name).tolist()
     models = {name: getattr(learner, name) for name in _MODELS if hasattr(learner, name)}
+    if path.is_dir():
+        raise WorkbenchError(f"--out {str(path)!r} is a folder: name a file in it, e.g. {str(path / 'learner.skops')!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    skops.io.dump({"meta": json.dumps(_json_safe(meta), sort_keys=True, allow_nan=False), "models": models},
-                  path)
+    payload = {"meta": json.dumps(_json_safe(meta), sort_keys=True, allow_nan=False), "models": models}
+    paths.write_atomically(path, lambda temporary: skops.io.dump(payload, temporary))  # the old learner stays whole
     return path
 
 

@@ -31,7 +31,6 @@ from workbench.specs import ModelSpec
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _SAMPLE_BYTES = 65_536  # bytes hashed from the start and the end of each weight file for the digest
 
 
@@ -50,9 +49,11 @@ class ModelFacts:
     max_positions: int | None  # position limit (n_positions / max_position_embeddings)
     parameters: int | None  # from the safetensors headers
     model_bytes: int | None  # bytes of the safetensors weights as stored
-    weights: str  # "safetensors", "pickle" (only pickle files) or "none"
+    weights: str  # "safetensors", "pickle" (some folder of weights has only pickle files) or "none"
     tokenizer_digest: str | None  # hash of the vocabulary: equal digests, same tokenizer
     digest: str  # content digest of config + weight index (16 hex digits)
+    num_labels: int | None = None  # classifiers: how many labels the head scores (None for other kinds)
+    label_names: list[str] | None = None  # classifiers: the names config.json gives them (label2id), if any
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,6 +61,11 @@ class ModelFacts:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelFacts:
         return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether the folder holds tokenizer files (a text model needs them; diffusion pipelines never)."""
+        return self.tokenizer_digest is not None
 
     def info(self) -> dict[str, Any]:
         """The descriptors the meta-learner reads (the keys of a loaded model's ``info``)."""
@@ -122,7 +128,8 @@ def _read(location_text: str, kind: str, name: str, stamp: tuple) -> ModelFacts:
         params, nbytes = safetensors_size(location / "unet")
         return ModelFacts(name=name, location=location_text, kind=kind,
                           family=str(index.get("_class_name") or "diffusion"), architecture=None, layers=None,
-                          hidden_size=None, vocab_size=None, max_positions=None, parameters=params,
+                          hidden_size=None, vocab_size=None, max_positions=None, num_labels=None,
+                          label_names=None, parameters=params,
                           model_bytes=nbytes, weights=_weights_format(location), tokenizer_digest=None,
                           digest=_digest(location))
     config = _json(location / "config.json") or {}
@@ -136,9 +143,26 @@ def _read(location_text: str, kind: str, name: str, stamp: tuple) -> ModelFacts:
                          or config.get("dim")),  # n_layers / dim: DistilBERT's names
         vocab_size=_int(config.get("vocab_size")),
         max_positions=_int(config.get("n_positions") or config.get("max_position_embeddings")),
+        num_labels=_num_labels(config) if kind == "classifier" else None,
+        label_names=_label_names(config) if kind == "classifier" else None,
         parameters=params, model_bytes=nbytes, weights=_weights_format(location),
         tokenizer_digest=_tokenizer_digest(location), digest=_digest(location),
     )
+
+
+def _num_labels(config: dict[str, Any]) -> int | None:
+    """Labels of a classifier head: id2label's size, else num_labels, else transformers' default of 2."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    return _int(config.get("num_labels")) or 2
+
+
+def _label_names(config: dict[str, Any]) -> list[str] | None:
+    label2id = config.get("label2id")
+    if isinstance(label2id, dict) and label2id and all(isinstance(k, str) for k in label2id):
+        return sorted(label2id)
+    return None
 
 
 def _int(value: Any) -> int | None:
@@ -146,25 +170,15 @@ def _int(value: Any) -> int | None:
 
 
 def _json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelLoadError(f"{str(path)!r} is not valid UTF-8 JSON: restore the file from the model's "
-                             "source or save the model again with save_pretrained") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object: restore the "
-                             "file from the model's source")
-    return data
+    from workbench.models.loading import read_config
+
+    return read_config(path)
 
 
 def _weights_format(location: Path) -> str:
-    if any(location.rglob("*.safetensors")):
-        return "safetensors"
-    if any(p for pattern in _PICKLE_PATTERNS for p in location.rglob(pattern)):
-        return "pickle"
-    return "none"
+    from workbench.models.loading import weights_format
+
+    return weights_format(location)
 
 
 def safetensors_size(folder: Path) -> tuple[int | None, int | None]:
@@ -209,13 +223,34 @@ def _digest(location: Path) -> str:
 
 def _tokenizer_digest(location: Path) -> str | None:
     """sha256 of the sorted vocabulary (token -> id), or None when the folder has no tokenizer files."""
-    if not any((location / name).is_file() for name in ("tokenizer.json", "vocab.json", "vocab.txt",
-                                                         "tokenizer.model", "spiece.model")):
+    if not any((location / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    tokenizer = load_tokenizer(str(location), _stamp(location))
+    if tokenizer is None:  # unreadable tokenizer files: loading will say so with the library's reason
+        return None
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(location_text: str, stamp: tuple) -> Any:
+    """The folder's tokenizer (cached by its files' sizes and times), or None when it has none or it is unreadable."""
+    location = Path(location_text)
+    if not any((location / name).is_file() for name in TOKENIZER_FILES):
         return None
     try:
         from transformers import AutoTokenizer
 
-        vocab = AutoTokenizer.from_pretrained(location).get_vocab()
-    except Exception:  # unreadable tokenizer files: loading will say so with the library's reason
+        return AutoTokenizer.from_pretrained(location)
+    except Exception:
         return None
-    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+
+
+def prompt_tokens(facts: ModelFacts, prompts: list[str]) -> list[int] | None:
+    """Tokens in each prompt by the model's own tokenizer (None when it has none readable)."""
+    tokenizer = load_tokenizer(facts.location, _stamp(Path(facts.location)))
+    if tokenizer is None:
+        return None
+    return [len(ids) for ids in tokenizer(prompts)["input_ids"]]

@@ -98,15 +98,49 @@ def _hub_snapshot(spec: ModelSpec) -> Path:
         ) from None
 
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a config.json / model_index.json larger than this is not a model's config
+
+
+def read_config(path: Path) -> dict[str, Any] | None:
+    """A model folder's JSON file as a dict (None when absent); one-line ModelLoadError when it is not a
+    JSON object in UTF-8 (not JSON, another encoding, a list, nested past Python's limit, or huge)."""
+    if not path.is_file():
+        return None
+    fix = "restore the file from the model's source, or save the model again with save_pretrained"
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelLoadError(f"{str(path)!r} is {path.stat().st_size:,} bytes, too large for a model config: {fix}")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{str(path)!r} is not UTF-8 text: {fix}") from None
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno} column "
+                             f"{err.colno}): {fix}") from None
+    except RecursionError:
+        raise ModelLoadError(f"{str(path)!r} is JSON nested too deeply for a model config: {fix}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object: {fix}")
+    return data
+
+
 def detect_kind(location: Path) -> str:
     """The model kind from the folder's config files, without loading weights."""
     if (location / "model_index.json").is_file() or (location / "unet").is_dir():
+        index = read_config(location / "model_index.json") or {}
+        name = index.get("_class_name", "DigitsPipeline")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ModelLoadError(f"{str(location / 'model_index.json')!r} names the pipeline class {name!r}, not a "
+                                 "class name: restore the file from the model's source")
         return "diffusion"
     config_path = location / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"model folder {str(location)!r} has no config.json or model_index.json")
-    config = json.loads(config_path.read_text())
-    for arch in config.get("architectures") or []:
+    config = read_config(config_path) or {}
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ModelLoadError(f"{str(config_path)!r} has architectures={architectures!r}, not a list of class names: "
+                             "restore the file from the model's source")
+    for arch in architectures:
         if arch.endswith(_CLASSIFIER_SUFFIXES):
             return "classifier"
         if arch.endswith(_CAUSAL_SUFFIXES):
@@ -117,12 +151,28 @@ def detect_kind(location: Path) -> str:
     )
 
 
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # weight files that are (or may be) pickles
+
+
+def weights_format(location: Path) -> str:
+    """How a model folder's weights are stored, judged folder by folder (each diffusers component has its
+    own): "pickle" when any folder holding weights has only pickle files (a safetensors file elsewhere does
+    not make it safe), "safetensors" when every such folder has safetensors, "none" without weights."""
+    kinds: dict[Path, set[str]] = {}
+    for path in Path(location).rglob("*"):
+        if path.suffix == ".safetensors":
+            kinds.setdefault(path.parent, set()).add("safetensors")
+        elif any(path.match(pattern) for pattern in PICKLE_PATTERNS):
+            kinds.setdefault(path.parent, set()).add("pickle")
+    if not kinds:
+        return "none"
+    return "pickle" if any(found == {"pickle"} for found in kinds.values()) else "safetensors"
+
+
 def _check_weights(location: Path, spec: ModelSpec) -> None:
-    has_safe = any(location.rglob("*.safetensors"))
-    has_pickle = any(p for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in location.rglob(pattern))
-    if not has_safe and has_pickle and not spec.allow_pickle:
+    if weights_format(location) == "pickle" and not spec.allow_pickle:
         raise ModelLoadError(
-            f"model {spec.name!r} ships only pickle-based weights, which can run code when loaded: "
+            f"model {spec.name!r} ships pickle-based weights (a folder of it has no safetensors), which can run code when loaded: "
             "convert it to safetensors, or opt in with allow_pickle=True if you trust its source"
         )
 
@@ -177,11 +227,11 @@ def load_model(spec: ModelSpec, device: str = "cpu", dtype: str = "float32") -> 
 def _load_pipeline(location: Path, device: str, dtype: str, spec: ModelSpec) -> Any:
     """A diffusers pipeline: the zoo's DigitsPipeline, or whatever model_index.json names."""
     index_path = location / "model_index.json"
-    class_name = json.loads(index_path.read_text()).get("_class_name") if index_path.is_file() else None
+    class_name = (read_config(index_path) or {}).get("_class_name")
     if class_name in (None, "DigitsPipeline"):
         from workbench.models.digits import DigitsPipeline
 
-        pipe = DigitsPipeline.from_pretrained(location)
+        pipe = DigitsPipeline.from_pretrained(location, use_safetensors=not spec.allow_pickle)
     else:
         import diffusers
 

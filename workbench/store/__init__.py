@@ -23,6 +23,7 @@ migrations), ``engine`` (URLs, engines, bounded connects, retries on a locked SQ
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,16 +35,21 @@ from sqlalchemy.engine import Engine
 from workbench import paths
 from workbench.store._base import UTC, StoreError, _first_line, _safe_url
 from workbench.store.codec import _frame, _loads, _prepare_row, json_safe, to_json
-from workbench.store.engine import (CONNECT_TIMEOUT_S, LOCKED_ATTEMPTS, SQLITE_BUSY_TIMEOUT_MS, _connect_with_timeout,
-                                    _create_engine, _is_memory_sqlite, _parse_url, _retry_locked)
+from workbench.store.engine import (CONNECT_TIMEOUT_S, LOCKED_ATTEMPTS, SQLITE_BUSY_TIMEOUT_MS, _check_sqlite_exists,
+                                    _connect_with_timeout, _create_engine, _is_memory_sqlite, _parse_url,
+                                    _retry_locked)
 from workbench.store.queries import _check_columns, _filters, _select_column, parse_since
 from workbench.store.schema import (COLUMNS_ADDED, JSON_COLUMNS, REQUIRED_KEYS, RUN_COLUMNS, SCHEMA_VERSION, STATUSES,
                                     _check_or_create_schema, _stored_schema_version, meta_table, metadata,
                                     runs_table)
 
-__all__ = ["COLUMNS_ADDED", "CONNECT_TIMEOUT_S", "JSON_COLUMNS", "LOCKED_ATTEMPTS", "REQUIRED_KEYS", "RUN_COLUMNS",
+__all__ = ["COLUMNS_ADDED", "DamagedRowsWarning", "CONNECT_TIMEOUT_S", "JSON_COLUMNS", "LOCKED_ATTEMPTS", "REQUIRED_KEYS", "RUN_COLUMNS",
            "SCHEMA_VERSION", "SQLITE_BUSY_TIMEOUT_MS", "STATUSES", "UTC", "Store", "StoreError", "json_safe",
            "meta_table", "metadata", "parse_since", "runs_table", "to_json"]
+
+
+class DamagedRowsWarning(UserWarning):
+    """Some stored rows could not be read (corrupt JSON); they were left out of the result."""
 
 
 class Store:
@@ -52,6 +58,8 @@ class Store:
     Args:
         url: any SQLAlchemy URL (``sqlite:///results.sqlite``, ``postgresql://user@host/db``);
             None uses ``paths.default_store_url()``, a SQLite file under ``data/``.
+        create: make a new store when there is none (writers); False for readers, which refuse a
+            store that does not exist (a typo'd path must not read as "no runs").
 
     Raises:
         StoreError: one line naming the bad value and the fix, when the URL cannot be parsed, its
@@ -66,14 +74,17 @@ class Store:
         0
     """
 
-    def __init__(self, url: str | None = None) -> None:
-        # 1. Parse the URL and build the engine (imports the driver).
+    def __init__(self, url: str | None = None, create: bool = True) -> None:
+        # 1. Parse the URL; a reader (create=False) refuses a store that does not exist yet, before the
+        #    engine would make a SQLite file's folders. Then build the engine (imports the driver).
         self._url = _parse_url(paths.default_store_url() if url is None else url)
+        if not create:
+            _check_sqlite_exists(self._url)
         self.engine: Engine = _create_engine(self._url)
         # 2. Refuse what is not (or not yet) a workbench store; create the tables in a new one.
         try:
             _connect_with_timeout(self.engine, self._url)
-            _check_or_create_schema(self.engine, self._url)
+            _check_or_create_schema(self.engine, self._url, create=create)
         except BaseException:
             self.engine.dispose()
             raise
@@ -188,7 +199,20 @@ class Store:
             stmt = stmt.limit(limit)
         with self.engine.connect() as conn:
             rows = conn.execute(stmt).all()
-        return _frame(rows, names)
+        damaged: dict[int, str] = {}
+        frame = _frame(rows, names, damaged)
+        if damaged:  # one bad row never blocks the rest: it is left out, and said so
+            frame = frame.drop(index=sorted(damaged)).reset_index(drop=True)
+            self._report_damaged(rows, names, damaged)
+        return frame
+
+    def _report_damaged(self, rows: Sequence[Any], names: list[str], damaged: dict[int, str]) -> None:
+        first = min(damaged)
+        which = f"run_id {rows[first][names.index('run_id')]!r}" if "run_id" in names else f"row {first}"
+        warnings.warn(DamagedRowsWarning(
+            f"{self.url}: skipped {len(damaged)} damaged run(s) whose stored JSON cannot be read (first: {which}, "
+            f"{damaged[first]}); the other runs are read as usual: restore the store from a backup, or delete "
+            "the damaged rows"), stacklevel=3)
 
     def get(self, run_id: str) -> dict[str, Any]:
         """One run as a dict (JSON columns parsed, ``created_at`` an aware UTC datetime)."""
@@ -198,7 +222,11 @@ class Store:
             raise StoreError(f"no run with run_id {run_id!r} in {self.url}; list runs with Store.runs()")
         record = dict(row._mapping)
         for name in JSON_COLUMNS:
-            record[name] = _loads(record[name])
+            try:
+                record[name] = _loads(record[name])
+            except (ValueError, RecursionError, TypeError):
+                raise StoreError(f"run {run_id!r} in {self.url} is damaged: its {name} column is not valid JSON; "
+                                 "restore the store from a backup, or delete that run") from None
         return record
 
     def count(

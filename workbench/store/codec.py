@@ -128,15 +128,23 @@ def _loads(text: str | None) -> Any:
     return json.loads(text)  # surrounding whitespace is fine; anything else raises
 
 
-def _loads_column(texts: Sequence[str | None]) -> list[Any]:
+def _loads_column(texts: Sequence[str | None], damaged: dict[int, str] | None = None,
+                  name: str = "") -> list[Any]:
     """Parse a column of JSON texts; identical texts (the environment of one machine) are parsed
-    once and share one object, so treat parsed values as read-only."""
+    once and share one object, so treat parsed values as read-only. A text that is not JSON becomes
+    None and, when ``damaged`` is given, its position is recorded there with the reason."""
     memo: dict[str | None, Any] = {}
     parsed = []
-    for text in texts:
+    for i, text in enumerate(texts):
         value = memo.get(text, _MISSING)
         if value is _MISSING:
-            value = memo[text] = _loads(text)
+            try:
+                value = memo[text] = _loads(text)
+            except (ValueError, RecursionError, TypeError) as err:
+                if damaged is None:
+                    raise
+                damaged.setdefault(i, f"column {name} is not valid JSON ({type(err).__name__})")
+                value = None
         parsed.append(value)
     return parsed
 
@@ -159,13 +167,15 @@ def _as_float(value: Any, name: str, index: int) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _frame(rows: Sequence[Any], names: list[str]) -> pd.DataFrame:
+def _frame(rows: Sequence[Any], names: list[str], damaged: dict[int, str] | None = None) -> pd.DataFrame:
+    """Rows as a DataFrame; with ``damaged``, rows whose JSON cannot be parsed are recorded there
+    (position -> reason) instead of failing the whole read (the caller drops them)."""
     data = dict(zip(names, zip(*rows))) if rows else {name: () for name in names}
     frame: dict[str, Any] = {}
     for name in names:
         values = data[name]
         if name in JSON_COLUMNS:
-            frame[name] = pd.Series(_loads_column(values), dtype=object)
+            frame[name] = pd.Series(_loads_column(values, damaged, name), dtype=object)
         elif name == "created_at":
             frame[name] = _utc_series(values)
         elif name in _FLOAT_COLUMNS:

@@ -109,6 +109,17 @@ def _is_memory_sqlite(url: URL) -> bool:
     return database in ("", ":memory:") or "mode=memory" in database
 
 
+def _check_sqlite_exists(url: URL) -> None:
+    """For readers: a SQLite store's file must already exist (nothing is created)."""
+    if url.get_backend_name() != "sqlite" or _is_memory_sqlite(url) or (url.database or "").startswith("file:"):
+        return
+    path = Path(url.database).expanduser()
+    if not path.is_file():
+        where = "its folder does not exist either" if not path.parent.is_dir() else "no such file"
+        raise StoreError(f"store {_safe_url(url)!r} does not exist ({where}): check the path, or give the store "
+                         "your runs were written to (--store sqlite:///path/to/file.sqlite)")
+
+
 def _prepare_sqlite_file(url: URL) -> None:
     """Create the SQLite file's folder; refuse an existing file that is not a SQLite database."""
     if _is_memory_sqlite(url) or url.query.get("uri") or (url.database or "").startswith("file:"):

@@ -125,7 +125,7 @@ _STR_COLUMNS = {  # plain string columns and their length limits (JSON columns a
 
 
 
-def _check_or_create_schema(engine: Engine, url: URL) -> None:
+def _check_or_create_schema(engine: Engine, url: URL, create: bool = True) -> None:
     """Check, create or migrate the schema; retried when another process holds the lock meanwhile.
 
     Two processes opening one new SQLite file at once both see no tables and both try to create
@@ -133,7 +133,8 @@ def _check_or_create_schema(engine: Engine, url: URL) -> None:
     """
     for attempt in range(LOCKED_ATTEMPTS):
         try:
-            return _check_or_create_schema_once(engine, url, last_attempt=attempt == LOCKED_ATTEMPTS - 1)
+            return _check_or_create_schema_once(engine, url, last_attempt=attempt == LOCKED_ATTEMPTS - 1,
+                                                create=create)
         except _SchemaRace:
             time.sleep(0.05 * 2**attempt)
 
@@ -142,7 +143,7 @@ class _SchemaRace(Exception):
     """Another process created or migrated the schema at the same moment; look again."""
 
 
-def _check_or_create_schema_once(engine: Engine, url: URL, last_attempt: bool) -> None:
+def _check_or_create_schema_once(engine: Engine, url: URL, last_attempt: bool, create: bool = True) -> None:
     """Refuse a database that is not a workbench store or is newer than this code; else create tables."""
     # 1. Look before touching: which tables exist?
     try:
@@ -179,7 +180,10 @@ def _check_or_create_schema_once(engine: Engine, url: URL, last_attempt: bool) -
             if version < SCHEMA_VERSION:
                 _migrate(engine, url, version, last_attempt)
             return
-    # 4. A new store: create the tables and record the schema version, in one transaction.
+    # 4. A new store: create the tables and record the schema version, in one transaction (writers only).
+    if not create:
+        raise StoreError(f"no workbench store at {_safe_url(url)!r} (no runs table there yet): check the URL, or "
+                         "give the store your runs were written to")
     try:
         with engine.begin() as conn:
             metadata.create_all(conn)

@@ -1,0 +1,263 @@
+"""Hostile input (issue 20): broken model folders, workloads, stores and output paths, each through the CLI's
+own entry point. Every case asserts the exit code, one line on stderr naming the bad value, no traceback,
+and that what was stored or written before is unchanged.
+
+The CLI runs in-process (``workbench.cli.main`` with ``sys.argv`` set) to keep the file fast; the exit
+code, the streams and the files are the same as in a subprocess (one subprocess case checks a full disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workbench.cli import main
+from workbench.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = ROOT / "data" / "seed" / "runs.parquet"
+RUN = ["run", "--technique", "baseline", "--repeats", "1", "--warmup", "0", "--max-items", "2"]
+
+
+def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``workbench ARGS``."""
+    monkeypatch.setattr(sys, "argv", ["workbench", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code: int, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def kept_store(tmp_path: Path) -> tuple[str, Path]:
+    """A store holding one run already: a bad input must leave it exactly as it was."""
+    path = tmp_path / "kept.sqlite"
+    with Store(f"sqlite:///{path}") as store:
+        store.append({"spec_key": "k", "status": "ok", "model": "m", "workload": "w", "technique": "baseline",
+                      "device": "cpu", "dtype": "float32", "seed": 0, "repeats": 1, "warmup": 0})
+    return f"sqlite:///{path}", path
+
+
+def broken_copy(quick_zoo: Path, tmp_path: Path, model: str) -> Path:
+    folder = tmp_path / f"broken-{model}"
+    shutil.copytree(quick_zoo / model, folder)
+    return folder
+
+
+# -- model folders -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"{not json", "is not valid JSON (Expecting property name"),
+    (b'{"model_type": "\xff\xfe"}', "is not UTF-8 text"),
+    (b"[1, 2]", "holds a JSON list, not an object"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"architectures": "GPT2LMHeadModel"}', "architectures='GPT2LMHeadModel', not a list of class names"),
+])
+def test_a_broken_config_json_is_one_line_at_plan_time(quick_zoo, tmp_path, kept_store, capsys, monkeypatch,
+                                                         content, fragment):
+    folder = broken_copy(quick_zoo, tmp_path, "code-classifier")
+    (folder / "config.json").write_bytes(content)
+    url, path = kept_store
+    before = digest(path)
+    code, _, err = cli(capsys, monkeypatch, *RUN, "--model", str(folder), "--workload", "code-snippets", "--store", url)
+    one_error_line(code, err, "config.json", fragment)
+    assert digest(path) == before
+
+
+def test_a_folder_without_tokenizer_files_is_refused_at_plan_time(quick_zoo, tmp_path, kept_store, capsys,
+                                                                  monkeypatch):
+    folder = broken_copy(quick_zoo, tmp_path, "code-target")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    url, path = kept_store
+    before = digest(path)
+    code, _, err = cli(capsys, monkeypatch, *RUN, "--model", str(folder), "--workload", "code-prompts", "--store", url)
+    one_error_line(code, err, "has no readable tokenizer", "tokenizer.save_pretrained")
+    assert digest(path) == before
+
+
+def test_pickle_only_weights_exit_2_before_loading(quick_zoo, tmp_path, kept_store, capsys, monkeypatch):
+    folder = broken_copy(quick_zoo, tmp_path, "code-classifier")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"never unpickled: refused before loading")
+    url, path = kept_store
+    before = digest(path)
+    code, _, err = cli(capsys, monkeypatch, *RUN, "--model", str(folder), "--workload", "code-snippets", "--store", url)
+    one_error_line(code, err, "pickle-based weights", "allow_pickle=True")
+    assert digest(path) == before
+
+
+def test_a_pickled_unet_beside_a_decoy_safetensors_file_is_refused(quick_zoo, tmp_path, kept_store, capsys,
+                                                                   monkeypatch):
+    """Each component's own folder is judged: a safetensors file elsewhere does not make unet/ safe."""
+    folder = broken_copy(quick_zoo, tmp_path, "digits-diffusion")
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"a pickle would run code here")
+    (folder / "decoy.safetensors").write_bytes(b"")
+    url, path = kept_store
+    before = digest(path)
+    code, _, err = cli(capsys, monkeypatch, *RUN, "--model", str(folder), "--workload", "digits", "--store", url)
+    one_error_line(code, err, "pickle-based weights")
+    assert digest(path) == before
+
+
+def test_a_pipeline_class_name_that_is_a_list_is_one_line(quick_zoo, tmp_path, capsys, monkeypatch):
+    folder = broken_copy(quick_zoo, tmp_path, "digits-diffusion")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": ["DigitsPipeline"]}))
+    code, _, err = cli(capsys, monkeypatch, *RUN, "--model", str(folder), "--workload", "digits",
+                       "--store", f"sqlite:///{tmp_path / 's.sqlite'}")
+    one_error_line(code, err, "model_index.json", "['DigitsPipeline'], not a class name")
+
+
+# -- workloads against the model ------------------------------------------------------------------------
+
+
+def test_new_tokens_beyond_the_position_limit_are_refused_with_the_room_left(quick_zoo, tmp_path, kept_store,
+                                                                              capsys, monkeypatch):
+    url, path = kept_store
+    before = digest(path)
+    code, _, err = cli(capsys, monkeypatch, *RUN, "--model", "zoo:code-target", "--workload", "code-prompts",
+                       "--max-new-tokens", "100000", "--store", url)
+    one_error_line(code, err, "position limit of 512", "lower --max-new-tokens to at most")
+    assert digest(path) == before
+
+
+def test_a_prompt_longer_than_the_position_limit_is_refused(quick_zoo, tmp_path, capsys, monkeypatch):
+    workload = tmp_path / "long.jsonl"
+    workload.write_text(json.dumps({"prompt": "x " * 3000}) + "\n")
+    code, _, err = cli(capsys, monkeypatch, *RUN, "--model", "zoo:code-target", "--workload", str(workload),
+                       "--max-new-tokens", "4", "--store", f"sqlite:///{tmp_path / 's.sqlite'}")
+    one_error_line(code, err, "longest prompt (6000 tokens)", "shorten prompt 0")
+
+
+@pytest.mark.parametrize("label, fragment", [(99, "has label 99, but model 'zoo:code-classifier' scores 6 labels"),
+                                             (-1, "has label -1")])
+def test_labels_outside_the_models_range_are_refused(quick_zoo, tmp_path, capsys, monkeypatch, label, fragment):
+    workload = tmp_path / "labels.jsonl"
+    workload.write_text(json.dumps({"text": "import os", "label": 0}) + "\n"
+                        + json.dumps({"text": "import re", "label": label}) + "\n")
+    code, _, err = cli(capsys, monkeypatch, *RUN, "--model", "zoo:code-classifier", "--workload", str(workload),
+                       "--store", f"sqlite:///{tmp_path / 's.sqlite'}")
+    one_error_line(code, err, "item 1", fragment)
+
+
+def test_a_deeply_nested_workload_line_is_one_line(quick_zoo, tmp_path, capsys, monkeypatch):
+    workload = tmp_path / "deep.jsonl"
+    workload.write_text('{"prompt": ' + "[" * 50_000 + "]" * 50_000 + "}\n")
+    code, _, err = cli(capsys, monkeypatch, *RUN, "--model", "zoo:code-target", "--workload", str(workload),
+                       "--store", f"sqlite:///{tmp_path / 's.sqlite'}")
+    one_error_line(code, err, "deep.jsonl:1: JSON nested too deeply")
+
+
+# -- stores and output files ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def seeded(tmp_path: Path, capsys, monkeypatch) -> tuple[str, Path]:
+    path = tmp_path / "seed.sqlite"
+    code, _, err = cli(capsys, monkeypatch, "import", str(SEED), "--store", f"sqlite:///{path}")
+    assert code == 0, err
+    return f"sqlite:///{path}", path
+
+
+def test_one_damaged_row_is_skipped_and_named_and_the_rest_are_read(seeded, capsys, monkeypatch):
+    url, path = seeded
+    with sqlite3.connect(path) as conn:
+        damaged = conn.execute("SELECT run_id FROM runs ORDER BY created_at LIMIT 1 OFFSET 3").fetchone()[0]
+        conn.execute("UPDATE runs SET summary = '{broken' WHERE run_id = ?", (damaged,))
+    conn.close()
+    before = digest(path)
+    code, out, err = cli(capsys, monkeypatch, "runs", "--store", url, "--format", "csv")
+    assert code == 0 and "Traceback" not in err
+    warning = [line for line in err.splitlines() if line.strip()]
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and damaged in warning[0]
+    assert "skipped 1 damaged run(s)" in warning[0] and "column summary is not valid JSON" in warning[0]
+    assert len(out.strip().splitlines()) == 1 + 199  # header + every other run
+    assert digest(path) == before
+    with pytest.raises(Exception, match=f"run '{damaged}' .* is damaged: its summary column"):
+        Store(url).get(damaged)
+
+
+def test_export_from_a_mistyped_store_leaves_the_bundle_and_creates_nothing(seeded, tmp_path, capsys, monkeypatch):
+    url, _ = seeded
+    bundle = tmp_path / "good.parquet"
+    assert cli(capsys, monkeypatch, "export", "--store", url, "--out", str(bundle))[0] == 0
+    before = digest(bundle)
+    typo = tmp_path / "sede.sqlite"
+    code, _, err = cli(capsys, monkeypatch, "export", "--store", f"sqlite:///{typo}", "--out", str(bundle))
+    one_error_line(code, err, f"store 'sqlite:///{typo}' does not exist (no such file)")
+    assert digest(bundle) == before and not typo.exists()
+    code, _, err = cli(capsys, monkeypatch, "export", "--store", url, "--since", "1h", "--out", str(bundle))
+    one_error_line(code, err, "no runs to export", "was left as it is", "--force")
+    assert digest(bundle) == before
+    assert cli(capsys, monkeypatch, "export", "--store", url, "--since", "1h", "--out", str(bundle), "--force")[0] == 0
+    assert digest(bundle) != before  # asked for: replaced by an empty bundle
+
+
+@pytest.mark.parametrize("command", [["runs"], ["learn"], ["export", "--out", "x.parquet"]])
+def test_reading_a_store_in_a_missing_folder_is_refused_and_creates_nothing(tmp_path, capsys, monkeypatch, command):
+    missing = tmp_path / "no-such-folder" / "runs.sqlite"
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, monkeypatch, *command, "--store", f"sqlite:///{missing}")
+    one_error_line(code, err, "does not exist (its folder does not exist either)")
+    assert not missing.parent.exists() and not (tmp_path / "x.parquet").exists()
+
+
+def test_out_naming_a_folder_is_one_line_for_export_and_learn(seeded, tmp_path, capsys, monkeypatch):
+    url, _ = seeded
+    code, _, err = cli(capsys, monkeypatch, "export", "--store", url, "--out", str(tmp_path))
+    one_error_line(code, err, f"--out '{tmp_path}' is a folder")
+    code, _, err = cli(capsys, monkeypatch, "learn", "--store", url, "--learner", "tree", "--out", str(tmp_path))
+    one_error_line(code, err, f"--out '{tmp_path}' is a folder")
+
+
+def test_workbench_data_pointing_at_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    monkeypatch.setenv("WORKBENCH_DATA", str(a_file))
+    code, _, err = cli(capsys, monkeypatch, "runs")
+    one_error_line(code, err, f"WORKBENCH_DATA='{a_file}' is a file, not a folder")
+    assert a_file.read_text() == "x"
+
+
+def test_a_full_disk_during_export_keeps_the_old_bundle(seeded, tmp_path, cli_env):
+    """RLIMIT_FSIZE stands in for a full disk: writing past it fails with EFBIG, as ENOSPC would."""
+    url, _ = seeded
+    bundle = tmp_path / "old.parquet"
+    shutil.copy(SEED, bundle)
+    before = digest(bundle)
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+              f"sys.argv = ['workbench', 'export', '--store', {url!r}, '--out', {str(bundle)!r}]; "
+              "from workbench.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True, text=True, timeout=300)
+    one_error_line(done.returncode, done.stderr, "could not write", "the old file, if any, is unchanged")
+    assert digest(bundle) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".old.parquet")) == []  # no partial file
+    assert os.stat(bundle).st_size == os.stat(SEED).st_size
