@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from workbench.cli import main
@@ -261,3 +262,155 @@ def test_a_full_disk_during_export_keeps_the_old_bundle(seeded, tmp_path, cli_en
     assert digest(bundle) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".old.parquet")) == []  # no partial file
     assert os.stat(bundle).st_size == os.stat(SEED).st_size
+
+
+# -- the command line itself --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["runs", "--bogus"], "No such option: --bogus; see `workbench runs --help`"),
+    (["nosuch"], "No such command 'nosuch'; see `workbench --help`"),
+    (["sweep"], "Missing argument 'sweep_file'"),
+    (["report", "--out", "r.html", "--cell-timeout", "-5"], "--cell-timeout -5 is invalid"),
+    (["report", "--out", "r.html", "--timeout", "-1"], "--timeout -1 is invalid"),
+])
+def test_usage_errors_and_impossible_timeouts_are_one_line(tmp_path, capsys, monkeypatch, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, monkeypatch, *args)
+    one_error_line(code, err, fragment)
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_bom_workload_is_read_and_a_workload_folder_is_named(tmp_path):
+    from workbench.errors import WorkloadError
+    from workbench.specs import WorkloadSpec
+    from workbench.workloads import load_workload
+
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "def add(a, b):"}).encode() + b"\n")
+    assert load_workload(WorkloadSpec(str(bom))).items == [{"prompt": "def add(a, b):"}]
+    folder = tmp_path / "prompts.jsonl"
+    folder.mkdir()
+    with pytest.raises(WorkloadError, match="is a folder, not a file: name a .jsonl file in it"):
+        load_workload(WorkloadSpec(str(folder)))
+
+
+# -- bundles imported twice, or twice at once -------------------------------------------------------------
+
+
+def test_a_bundle_without_run_ids_imported_twice_adds_its_runs_once(tmp_path, capsys, monkeypatch):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(SEED)
+    nameless = tmp_path / "nameless.parquet"
+    column = table.schema.get_field_index("run_id")
+    pq.write_table(table.set_column(column, "run_id", __import__("pyarrow").nulls(len(table), "string")), nameless)
+    url = f"sqlite:///{tmp_path / 'twice.sqlite'}"
+    for _ in range(2):
+        code, _, err = cli(capsys, monkeypatch, "import", str(nameless), "--store", url)
+        assert code == 0, err
+    assert Store(url).count() == len(table)
+
+
+def test_two_imports_of_one_bundle_at_once_both_succeed_and_store_it_once(tmp_path, cli_env, workbench_cmd):
+    url = f"sqlite:///{tmp_path / 'race.sqlite'}"
+    Store(url).close()
+    imports = [subprocess.Popen([*workbench_cmd, "import", str(SEED), "--store", url], env=cli_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [process.communicate(timeout=300) for process in imports]
+    assert [process.returncode for process in imports] == [0, 0], results
+    assert Store(url).count() == len(pd.read_parquet(SEED))
+
+
+# -- learner files -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learner_file(tmp_path_factory) -> Path:
+    from workbench.meta import persist
+    from workbench.meta.recommend import train
+
+    path = tmp_path_factory.mktemp("learner") / "good.skops"
+    runs = pd.read_parquet(SEED)
+    from workbench.exchange import read_bundle
+
+    persist.save(train(read_bundle(SEED), learner="tree"), path)
+    assert len(runs) > 0 and path.is_file()
+    return path
+
+
+def _dump(path: Path, obj) -> Path:
+    import skops.io
+
+    skops.io.dump(obj, path)
+    return path
+
+
+def test_a_learner_file_holding_other_estimators_is_refused_before_loading(tmp_path):
+    from sklearn.linear_model import LinearRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from workbench.errors import WorkbenchError
+    from workbench.meta import persist
+
+    for name, model in (("linear", LinearRegression()), ("pipeline", Pipeline([("f", FunctionTransformer())]))):
+        path = _dump(tmp_path / f"{name}.skops", {"meta": "{}", "models": {"speed_model_": model}})
+        with pytest.raises(WorkbenchError, match="holds untrusted type\\(s\\) sklearn\\.") as info:
+            persist.load(path)
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["list", "no models", "bad meta", "unknown param", "not a zip"])
+def test_a_tampered_learner_file_is_one_line(tmp_path, learner_file, content):
+    import zipfile
+
+    from workbench.errors import WorkbenchError
+    from workbench.meta import persist
+
+    path = tmp_path / "tampered.skops"
+    if content == "list":
+        _dump(path, [1, 2, 3])
+    elif content == "not a zip":
+        path.write_bytes(b"PK not really")
+    else:
+        with zipfile.ZipFile(learner_file) as archive:
+            import skops.io
+
+            state = skops.io.load(learner_file, trusted=sorted(persist.stored_types(learner_file)))
+        meta = json.loads(state["meta"])
+        if content == "no models":
+            state = {"meta": state["meta"]}
+        elif content == "bad meta":
+            state = {**state, "meta": "{not json"}
+        else:
+            meta["params"]["no_such_param"] = 1
+            state = {**state, "meta": json.dumps(meta)}
+        _dump(path, state)
+    with pytest.raises(WorkbenchError) as info:
+        persist.load(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_an_array_claiming_more_than_its_bytes_is_refused_before_allocating(tmp_path, learner_file):
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    from workbench.errors import WorkbenchError
+    from workbench.meta import persist
+
+    crafted = tmp_path / "crafted.skops"
+    with zipfile.ZipFile(learner_file) as source, zipfile.ZipFile(crafted, "w") as target:
+        swapped = False
+        for member in source.infolist():
+            data = source.read(member)
+            if member.filename.endswith(".npy") and not swapped:
+                header = io.BytesIO()
+                npy.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (2**33,)})
+                data, swapped = header.getvalue() + b"\0" * 64, True
+            target.writestr(member, data)
+    with pytest.raises(WorkbenchError, match="larger than its stored bytes") as info:
+        persist.load(crafted)
+    assert "\n" not in str(info.value)

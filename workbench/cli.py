@@ -464,6 +464,9 @@ def report(
     from workbench.report import ReportParams, render_report
 
     params = ReportParams.from_pairs(param, store_url=store, since=since)
+    for flag, seconds in (("--cell-timeout", cell_timeout), ("--timeout", timeout)):
+        if not 0 < seconds < float("inf"):
+            raise WorkbenchError(f"{flag} {seconds:g} is invalid: give a positive number of seconds, e.g. {flag} 300")
     result = render_report(params, out, cell_timeout_s=cell_timeout, total_timeout_s=timeout)
     typer.echo(f"wrote {result['html']} ({result['html_bytes'] / 1e6:.1f} MB) and {result['notebook']} "
                f"in {result['seconds']:.0f}s")
@@ -488,9 +491,28 @@ def _quiet_libraries() -> None:
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    try:  # typer 0.2x carries its own copy of click; older releases use click itself
+        from typer._click.exceptions import ClickException, UsageError
+    except ImportError:
+        from click.exceptions import ClickException, UsageError
+
     try:
         _quiet_libraries()
-        app()
+        code = app(standalone_mode=False, prog_name="workbench")  # usage errors come back to us, not a boxed page
+        sys.exit(code if isinstance(code, int) else 0)
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `workbench`: the help page, as before
+            exc.show()
+            sys.exit(2)
+        command = exc.ctx.command_path if exc.ctx is not None else "workbench"
+        typer.echo(f"error: {exc.format_message().rstrip('.')}; see `{command} --help`", err=True)
+        sys.exit(2)
+    except ClickException as exc:
+        typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("interrupted: runs finished before the interrupt are stored", err=True)
+        sys.exit(130)
     except WorkbenchError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -14,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import pandas as pd
 
 from workbench.errors import WorkbenchError
 from workbench.paths import write_atomically
-from workbench.store import COLUMNS_ADDED, JSON_COLUMNS, RUN_COLUMNS, Store, to_json
+from workbench.store import COLUMNS_ADDED, JSON_COLUMNS, RUN_COLUMNS, Store, StoreError, to_json
 from workbench.store.schema import _INT_COLUMNS
 
 BUNDLE_FORMAT = "workbench-runs-bundle"
@@ -93,13 +95,37 @@ def read_bundle(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+IMPORT_ATTEMPTS = 5  # an import racing another import of the same runs looks again this many times
+
+
 def import_runs(path: str | Path, store: Store) -> dict[str, int]:
-    """Append a bundle's runs that the store lacks (dedupe by run_id), all in one transaction."""
+    """Append a bundle's runs that the store lacks (dedupe by run_id), all in one transaction.
+
+    A row without a run_id gets one derived from its content, so importing a bundle twice adds it once.
+    When another process imports some of the same runs meanwhile, the transaction fails whole and is
+    tried again with what is stored now.
+    """
     frame = read_bundle(path)
-    known = set(store.runs(columns=["run_id"])["run_id"])
-    rows = [_row(record) for record in frame.to_dict(orient="records") if record["run_id"] not in known]
-    store.append_many(rows)
+    records = [_row(record) for record in frame.to_dict(orient="records")]
+    for record in records:
+        if not record.get("run_id"):
+            record["run_id"] = _content_id(record)
+    for attempt in range(IMPORT_ATTEMPTS):
+        known = set(store.runs(columns=["run_id"])["run_id"])
+        rows = [record for record in records if record["run_id"] not in known]
+        try:
+            store.append_many(rows)
+            break
+        except StoreError as err:
+            if "already stored" not in str(err) or attempt == IMPORT_ATTEMPTS - 1:
+                raise
     return {"read": len(frame), "added": len(rows), "already_stored": len(frame) - len(rows)}
+
+
+def _content_id(record: dict[str, Any]) -> str:
+    """A run id from a row's content (the same row always gets the same id)."""
+    canonical = json.dumps({k: v for k, v in record.items() if k != "run_id"}, sort_keys=True, default=str)
+    return str(uuid.UUID(hashlib.sha256(canonical.encode()).hexdigest()[:32]))
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:

@@ -98,6 +98,8 @@ def load_workload(spec: WorkloadSpec) -> Workload:
             f"workload {spec.name!r} is neither a built-in ({', '.join(BUILTIN)}) nor a .jsonl file"
         )
     if not path.is_file():
+        if path.is_dir():
+            raise WorkloadError(f"workload {spec.name!r} is a folder, not a file: name a .jsonl file in it")
         raise WorkloadError(f"workload file {spec.name!r} does not exist: check the path")
     items = read_jsonl(path)
     modality = _modality_of(items, path)
@@ -160,7 +162,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Parse a JSONL workload file; each bad line raises with its line number."""
     items: list[dict[str, Any]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark some editors write is fine
     except UnicodeDecodeError:
         raise WorkloadError(f"workload file {str(path)!r} is not UTF-8 text: save it as UTF-8 JSONL") from None
     for number, line in enumerate(lines, start=1):

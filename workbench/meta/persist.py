@@ -46,6 +46,11 @@ TRUSTED_TYPES: tuple[str, ...] = (
     "numpy.int64",
     "builtins.slice",
 )
+#: Plain containers and scalars a learner file holds; skops trusts more by default, this file type does not.
+BUILTIN_TYPES: tuple[str, ...] = ("builtins.dict", "builtins.list", "builtins.tuple", "builtins.str", "builtins.int",
+                                  "builtins.float", "builtins.bool", "builtins.NoneType", "builtins.bytes")
+MAX_UNPACKED_BYTES = 512 * 2**20  # a learner file unpacking to more than this is refused before reading it
+MAX_MEMBERS = 20_000  # nor one holding more arrays than this
 _MODELS = ("speed_model_", "speed_low_model_", "speed_high_model_", "quality_model_", "technique_models_")
 _STATE = ("categories_", "encoded_columns_", "feature_names_", "n_features_in_", "reference_", "residual_std_",
           "speed_prior_", "quality_prior_",
@@ -107,31 +112,88 @@ def load(path: str | Path | None = None) -> MetaLearner:
     if not path.is_file():
         raise WorkbenchError(f"no trained meta-learner at {str(path)!r}: run `workbench learn` first "
                              "(or pass --learner-path)")
-    try:
-        untrusted = skops.io.get_untrusted_types(file=path)
-    except Exception as exc:
-        raise WorkbenchError(f"{str(path)!r} is not a meta-learner file ({type(exc).__name__}): "
-                             "train one with `workbench learn`") from None
-    refused = sorted(set(untrusted) - set(TRUSTED_TYPES))
+    types = stored_types(path)  # every type named in the file, not only those skops would not trust
+    refused = sorted(types - set(TRUSTED_TYPES) - set(BUILTIN_TYPES))
     if refused:
-        raise WorkbenchError(f"{str(path)!r} holds untrusted type(s) {', '.join(refused)}: refusing to load it; "
+        raise WorkbenchError(f"{str(path)!r} holds untrusted type(s) {', '.join(refused[:5])}: refusing to load it; "
                              "retrain with `workbench learn`")
-    state = skops.io.load(path, trusted=list(untrusted))
-    meta = json.loads(state["meta"])
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) != FORMAT_VERSION:
-        raise WorkbenchError(f"{str(path)!r} is format {meta.get('format')!r} v{meta.get('format_version')}, "
-                             f"not {FORMAT} v{FORMAT_VERSION}: retrain with `workbench learn`")
-    # 2. Rebuild the estimator.
-    learner = MetaLearner(**meta["params"])
-    for name, value in state["models"].items():
-        setattr(learner, name, value)
-    for name, value in meta["state"].items():
-        setattr(learner, name, np.asarray(value) if name.startswith("leaf_") else value)
-    if meta.get("training_table") is not None:
-        learner.training_table_ = pd.DataFrame(meta["training_table"])
-        learner.range_ = TrainingRange.of(learner.training_table_)
-    learner.feature_schema_ = meta["feature_schema"]
+    damaged = f"{str(path)!r} is damaged or not a workbench meta-learner: retrain with `workbench learn`"
+    try:
+        state = skops.io.load(path, trusted=sorted(types))
+        meta = json.loads(state["meta"])
+    except Exception:  # whatever a tampered file makes skops or json raise, one line
+        raise WorkbenchError(damaged) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version", 0) != FORMAT_VERSION:
+        found = meta if not isinstance(meta, dict) else f"{meta.get('format')!r} v{meta.get('format_version')}"
+        raise WorkbenchError(f"{str(path)!r} is format {str(found)[:80]}, not {FORMAT} v{FORMAT_VERSION}: retrain "
+                             "with `workbench learn`")
+    # 2. Rebuild the estimator; a file missing a part, or with parts of the wrong kind, is refused whole.
+    try:
+        learner = MetaLearner(**meta["params"])
+        if not isinstance(state.get("models"), dict) or not set(state["models"]) <= set(_MODELS) \
+                or "speed_model_" not in state["models"]:
+            raise ValueError("models")
+        for name, value in state["models"].items():
+            setattr(learner, name, value)
+        for name, value in meta["state"].items():
+            if name not in _STATE and not name.startswith("leaf_"):
+                raise ValueError(name)
+            setattr(learner, name, np.asarray(value) if name.startswith("leaf_") else value)
+        if meta.get("training_table") is not None:
+            learner.training_table_ = pd.DataFrame(meta["training_table"])
+            learner.range_ = TrainingRange.of(learner.training_table_)
+        learner.feature_schema_ = meta["feature_schema"]
+    except Exception:
+        raise WorkbenchError(damaged) from None
     return learner
+
+
+def _npy_claim(archive: Any, member: Any) -> int:
+    """Bytes an .npy member's header says its array holds (object arrays count as unbounded)."""
+    from numpy.lib import format as npy
+
+    with archive.open(member) as handle:
+        major, _ = npy.read_magic(handle)
+        read_header = npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0
+        shape, _, dtype = read_header(handle, max_header_size=10_000)
+    if dtype.hasobject:
+        return 2**63
+    return int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+
+
+def stored_types(path: Path) -> set[str]:
+    """Every ``module.Class`` a skops file names, read from its schema without building anything; refuses
+    files that unpack past ``MAX_UNPACKED_BYTES`` or hold more than ``MAX_MEMBERS`` parts (a zip bomb)."""
+    import zipfile
+
+    not_ours = f"{str(path)!r} is not a meta-learner file: train one with `workbench learn`"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            unpacked = sum(member.file_size for member in members)
+            if len(members) > MAX_MEMBERS or unpacked > MAX_UNPACKED_BYTES:
+                raise WorkbenchError(f"{str(path)!r} unpacks to {unpacked:,} bytes in {len(members):,} parts, more "
+                                     "than a meta-learner holds: refusing to read it; retrain with `workbench learn`")
+            for member in members:  # an array header may claim more than its bytes (memory blow-up on load)
+                if member.filename.endswith(".npy") and _npy_claim(archive, member) > member.file_size:
+                    raise WorkbenchError(f"{str(path)!r} holds an array ({member.filename}) larger than its stored "
+                                         "bytes: the file is crafted or damaged; retrain with `workbench learn`")
+            schema = json.loads(archive.read("schema.json"))
+    except WorkbenchError:
+        raise
+    except Exception:  # not a zip, no schema, bad JSON, nested past the recursion limit
+        raise WorkbenchError(not_ours) from None
+    types: set[str] = set()
+    pending: list[Any] = [schema]
+    while pending:  # iterative: a crafted schema cannot exhaust the stack
+        node = pending.pop()
+        if isinstance(node, dict):
+            if "__module__" in node or "__class__" in node:
+                types.add(f"{node.get('__module__')}.{node.get('__class__')}")
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return types
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
