@@ -414,3 +414,47 @@ def test_an_array_claiming_more_than_its_bytes_is_refused_before_allocating(tmp_
     with pytest.raises(WorkbenchError, match="larger than its stored bytes") as info:
         persist.load(crafted)
     assert "\n" not in str(info.value)
+
+
+# -- sweep files and technique parameters ------------------------------------------------------------------
+
+
+def test_an_alias_bomb_in_labels_is_one_line_not_out_of_memory():
+    from workbench.sweep import SweepError, parse_sweep
+
+    levels = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")  # 9**9 strings if expanded
+    text = ("models: [zoo:code-target]\nworkloads: [code-prompts]\ntechniques: [baseline]\nlabels:\n"
+            + "\n".join("  " + line for line in levels) + "\n")
+    with pytest.raises(SweepError, match="line 4: labels=.* is invalid: use a mapping of names to strings") as info:
+        parse_sweep(text)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+def test_planning_reads_each_seeds_prompts_once_however_many_seeds(quick_zoo):
+    """Five seeds cost five times one, not more: the prompt cache holds every seed of the sweep (with four
+    entries it missed on every run once a fifth seed cycled through it)."""
+    from workbench import datasets
+    from workbench.sweep import parse_sweep, plan_sweep
+
+    sweep = parse_sweep("models: [zoo:code-target]\nworkloads: [{name: code-prompts, max_items: 2}]\n"
+                        "techniques: [baseline, quantization]\nseeds: [0, 1, 2, 3, 4]\n")
+    datasets._prompt_candidates.cache_clear()
+    plan_sweep(sweep)
+    info = datasets._prompt_candidates.cache_info()
+    assert info.misses <= 2 * 5 and info.hits >= info.misses  # each seed (and its calibration split) read once
+
+
+def test_self_speculation_on_a_one_layer_model_says_what_would_work():
+    from workbench.models.facts import ModelFacts
+    from workbench.specs import ModelSpec, RunSpec, TechniqueSpec, WorkloadSpec
+    from workbench.techniques.base import Facts
+    from workbench.techniques.speculative import Speculative
+
+    one_layer = ModelFacts(name="m", location="/nonexistent", kind="causal_lm", family="llama",
+                           architecture="LlamaForCausalLM", layers=1, hidden_size=32, vocab_size=64, max_positions=64,
+                           parameters=None, model_bytes=None, weights="safetensors", tokenizer_digest="t", digest="0")
+    spec = RunSpec(ModelSpec("m"), WorkloadSpec("code-prompts"), TechniqueSpec("speculative", {"draft_layers": 50}))
+    reason = Speculative(draft_layers=50).check(Facts(one_layer, None, "cpu", 4), spec)
+    assert reason and "only 1 layer" in reason and "use 1 to 0" not in reason and "--draft" in reason

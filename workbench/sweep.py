@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import reprlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,21 @@ WORKLOAD_KEYS = ("name", "max_items", "max_new_tokens", "batch_size", "num_infer
 TECHNIQUE_KEYS = ("name", "params", "grid", "draft")
 #: A sweep expanding to more runs than this is refused (split it, or narrow a grid).
 MAX_RUNS = 10_000
+
+
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _r(value: Any) -> str:
+    """``repr`` bounded in depth and length: a YAML alias bomb shares one object a billion ways, and a full
+    repr of it would exhaust memory before the error could be printed."""
+    return _REPR.repr(value)
+
+
+_REPR.repr__Map = _REPR.repr_dict  # reprlib dispatches on the type's name: the line-keeping YAML types are
+_REPR.repr__Seq = _REPR.repr_list  # a dict and a list to it (else it falls back to the full repr)
 
 
 class SweepError(WorkbenchError):
@@ -320,7 +336,7 @@ class _Checker:
                 continue
             near = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
             hint = f"did you mean {near[0]!r}?" if near else f"valid keys are {', '.join(allowed)}"
-            raise self.error(mapping, key, f"unknown key {key!r}{' in ' + path if path else ''}: {hint}")
+            raise self.error(mapping, key, f"unknown key {_r(key)}{' in ' + path if path else ''}: {hint}")
 
     def entries(self, data: dict, section: str, one: Any) -> list[Any]:
         items = data[section]
@@ -344,13 +360,13 @@ class _Checker:
         name = value.get("name")
         if not isinstance(name, str) or not name.strip():
             raise self.error(value if "name" in value else items, "name" if "name" in value else i,
-                             f"{path}.name is {name!r}: give a non-empty string")
+                             f"{path}.name is {_r(name)}: give a non-empty string")
         return value
 
     def _field(self, entry: dict, items: list, i: int, key: str, path: str, ok: bool, want: str) -> None:
         if not ok:
             container, at = (entry, key) if isinstance(entry, _Map) else (items, i)
-            raise self.error(container, at, f"{path}.{key}={entry[key]!r} is invalid: use {want}")
+            raise self.error(container, at, f"{path}.{key}={_r(entry[key])} is invalid: use {want}")
 
     def model(self, items: list, i: int, path: str) -> tuple[ModelSpec, str]:
         entry = self._entry(items, i, path, MODEL_KEYS)
@@ -387,14 +403,14 @@ class _Checker:
             self._field(entry, items, i, key, path, isinstance(value, dict), f"a mapping, e.g. {key}: {{name: value}}")
             for name in value:
                 if not isinstance(name, str):
-                    raise self.error(value, name, f"{path}.{key} has the key {name!r}: parameter names are strings")
+                    raise self.error(value, name, f"{path}.{key} has the key {_r(name)}: parameter names are strings")
         for name, value in params.items():
             if not _is_scalar(value):
-                raise self.error(params, name, f"{path}.params.{name}={value!r} is a {_kind(value)}: give one "
+                raise self.error(params, name, f"{path}.params.{name}={_r(value)} is a {_kind(value)}: give one "
                                                "string, number or boolean (put lists under grid:)")
         for name, values in grid.items():
             if not isinstance(values, list) or not values or not all(_is_scalar(v) for v in values):
-                raise self.error(grid, name, f"{path}.grid.{name}={values!r} is invalid: give a non-empty list of "
+                raise self.error(grid, name, f"{path}.grid.{name}={_r(values)} is invalid: give a non-empty list of "
                                              f"values, e.g. {name}: [2, 4]")
             if name in params:
                 raise self.error(grid, name, f"{path}: {name} is in both params and grid: keep it in one")
@@ -440,7 +456,7 @@ class _Checker:
                                         f"e.g. {key}: {default}")
         for i, value in enumerate(values):
             if not (isinstance(value, str) if cls is str else _is_int(value) and value >= 0):
-                raise self.error(values, i, f"{key}[{i}]={value!r} is a {_kind(value)}: give "
+                raise self.error(values, i, f"{key}[{i}]={_r(value)} is a {_kind(value)}: give "
                                             f"{'a string' if cls is str else 'an integer >= 0'}")
         if len(set(values)) != len(values):
             raise self.error(data, key, f"`{key}` lists a value twice: remove the duplicate")
@@ -451,7 +467,7 @@ class _Checker:
         if value is None and default is None:
             return None
         if not _is_int(value) or value < minimum:
-            raise self.error(data, key, f"{key}={value!r} is invalid: use an integer >= {minimum}"
+            raise self.error(data, key, f"{key}={_r(value)} is invalid: use an integer >= {minimum}"
                                         + (" or null" if default is None else ""))
         return value
 
@@ -460,19 +476,19 @@ class _Checker:
         if value is None:
             return None
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
-            raise self.error(data, key, f"{key}={value!r} is invalid: use a positive number or null")
+            raise self.error(data, key, f"{key}={_r(value)} is invalid: use a positive number or null")
         return float(value)
 
     def optional_str(self, data: dict, key: str) -> str | None:
         value = data.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise self.error(data, key, f"{key}={value!r} is invalid: use a non-empty string")
+            raise self.error(data, key, f"{key}={_r(value)} is invalid: use a non-empty string")
         return value
 
     def labels(self, data: dict) -> dict[str, str]:
         value = data.get("labels", {})
         if not isinstance(value, dict) or not all(isinstance(k, str) and _is_scalar(v) for k, v in value.items()):
-            raise self.error(data, "labels", f"labels={value!r} is invalid: use a mapping of names to strings")
+            raise self.error(data, "labels", f"labels={_r(value)} is invalid: use a mapping of names to strings")
         return {k: str(v) for k, v in value.items()}
 
 

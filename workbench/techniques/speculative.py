@@ -150,6 +150,9 @@ class Speculative(Technique):
             return f"give one drafter, not {' and '.join(sources)}"
         layers = self.config["draft_layers"]
         if layers is not None and target.layers is not None and layers >= target.layers:
+            if target.layers < 2:  # no first layers to draft with that are fewer than all of them
+                return (f"draft_layers={layers} but the target has only {target.layers} layer: self-speculation needs "
+                        "2 or more; use a draft model (--draft) or prompt_lookup_num_tokens instead")
             return f"draft_layers={layers} but the target has {target.layers} layers: use 1 to {target.layers - 1}"
         if layers is not None and impl == "hf" and target.family not in HF_EARLY_EXIT_FAMILIES:
             return (f"implementation=hf with draft_layers runs transformers' assistant_early_exit, which cannot run "
