@@ -458,3 +458,28 @@ def test_self_speculation_on_a_one_layer_model_says_what_would_work():
     spec = RunSpec(ModelSpec("m"), WorkloadSpec("code-prompts"), TechniqueSpec("speculative", {"draft_layers": 50}))
     reason = Speculative(draft_layers=50).check(Facts(one_layer, None, "cpu", 4), spec)
     assert reason and "only 1 layer" in reason and "use 1 to 0" not in reason and "--draft" in reason
+
+
+def test_ctrl_c_during_a_run_says_so_and_stores_nothing(quick_zoo, kept_store, cli_env, workbench_cmd):
+    import signal
+    import threading
+    import time
+
+    url, path = kept_store
+    before = digest(path)
+    process = subprocess.Popen([*workbench_cmd, "run", "--model", "zoo:code-classifier", "--technique", "baseline",
+                                "--workload", "code-snippets", "--max-items", "64", "--repeats", "500",
+                                "--warmup", "0", "--store", url], env=cli_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while "call/s" not in "".join(seen) and time.monotonic() < deadline:  # the progress bar: measuring
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    reader.join(timeout=10)
+    err = "".join(seen)
+    assert "interrupted: this run did not finish and nothing of it was stored" in err and "Traceback" not in err
+    assert digest(path) == before

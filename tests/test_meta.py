@@ -396,12 +396,12 @@ def _model_with_its_own_tokenizer(folder: Path, family: str) -> Path:
                                         pad_token="<pad>")
     size = len(tokenizer)
     if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=size, n_layer=2, n_embd=32, n_head=2, n_positions=256,
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=size, n_layer=2, n_embd=32, n_head=2, n_positions=1024,
                                            bos_token_id=0, eos_token_id=0, pad_token_id=1))
     else:
         model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=size, num_hidden_layers=2, hidden_size=32,
                                                  num_attention_heads=2, intermediate_size=64,
-                                                 max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
+                                                 max_position_embeddings=1024, bos_token_id=0, eos_token_id=0,
                                                  pad_token_id=1))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

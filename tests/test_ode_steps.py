@@ -117,7 +117,7 @@ def test_albert_is_accepted_and_runs_fewer_layer_calls(quick_zoo, tmp_path):
 def test_a_marked_gpt2_with_different_blocks_is_refused_in_prepare(quick_zoo, tmp_path):
     tokenizer = hf.AutoTokenizer.from_pretrained(quick_zoo / "code-target")
     torch.manual_seed(0)
-    config = hf.GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=16, n_head=2, n_positions=64)
+    config = hf.GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=16, n_head=2, n_positions=512)
     config.parameter_shared = True  # says so, but its two blocks were initialised apart
     hf.GPT2LMHeadModel(config).save_pretrained(tmp_path / "liar", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "liar")

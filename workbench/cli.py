@@ -194,7 +194,12 @@ def run_command(
     results_store = _open_store(store)
     planned = runner.plan(spec)
     # 2. Measure, store, show.
-    result = runner.execute(planned, progress=not quiet and not as_json, wait_quiet_s=wait_quiet)
+    try:
+        result = runner.execute(planned, progress=not quiet and not as_json, wait_quiet_s=wait_quiet)
+    except KeyboardInterrupt:  # typer would turn it into a silent exit 130
+        typer.echo(f"interrupted: this run did not finish and nothing of it was stored; {results_store.url} is "
+                   "as it was", err=True)
+        raise typer.Exit(130) from None
     results_store.append(result.to_row())
     typer.echo(_dump(result.to_json()) if as_json else run_text(result))
     if result.status != "ok":

@@ -226,13 +226,14 @@ def plan(spec: RunSpec, here: bool = True) -> Plan:
     # 3. The model (and draft) files: found, of a kind the workload fits, safe to load.
     model = read_facts(spec.model)
     check_compatible(workload, model.kind)
-    check_fits(workload, spec.workload, model)
     draft = read_facts(spec.technique.draft) if spec.technique.draft is not None else None
     for facts, model_spec in ((model, spec.model), (draft, spec.technique.draft)):
         if facts is not None and facts.weights == "pickle" and not model_spec.allow_pickle:
             raise NotApplicableError(
-                f"model {model_spec.name!r} ships pickle-based weights (a folder of it has no safetensors), which can run code when loaded: "
-                "convert it to safetensors, or opt in with allow_pickle=True if you trust its source")
+                f"model {model_spec.name!r} ships pickle-based weights (a folder of it has no safetensors), which "
+                "can run code when loaded: convert it to safetensors, or opt in with allow_pickle=True if you "
+                "trust its source")
+    check_fits(workload, spec.workload, model)  # tokenizer, position limit, labels (after the safety refusal)
     facts = Facts(model, draft, spec.device, len(calibration.items))
     # 4. The technique's own verdict on these facts, still before any weight loads.
     reason = technique.check(facts, spec)

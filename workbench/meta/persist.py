@@ -44,6 +44,7 @@ TRUSTED_TYPES: tuple[str, ...] = (
     "numpy.dtype",
     "numpy.float64",
     "numpy.int64",
+    "numpy.random.mtrand.RandomState",  # a fitted GradientBoostingRegressor's _rng (numpy rebuilds it from its state)
     "builtins.slice",
 )
 #: Plain containers and scalars a learner file holds; skops trusts more by default, this file type does not.

@@ -172,8 +172,8 @@ def weights_format(location: Path) -> str:
 def _check_weights(location: Path, spec: ModelSpec) -> None:
     if weights_format(location) == "pickle" and not spec.allow_pickle:
         raise ModelLoadError(
-            f"model {spec.name!r} ships pickle-based weights (a folder of it has no safetensors), which can run code when loaded: "
-            "convert it to safetensors, or opt in with allow_pickle=True if you trust its source"
+            f"model {spec.name!r} ships pickle-based weights (a folder of it has no safetensors), which can run "
+            "code when loaded: convert it to safetensors, or opt in with allow_pickle=True if you trust its source"
         )
 
 
