@@ -177,16 +177,64 @@ def _frame(rows: Sequence[Any], names: list[str], damaged: dict[int, str] | None
         if name in JSON_COLUMNS:
             frame[name] = pd.Series(_loads_column(values, damaged, name), dtype=object)
         elif name == "created_at":
-            frame[name] = _utc_series(values)
+            frame[name] = _tolerant(_utc_series, values, name, damaged, _one_time,
+                                    lambda cells: pd.Series(pd.to_datetime(cells, utc=True)))
         elif name in _FLOAT_COLUMNS:
-            frame[name] = pd.Series(values, dtype="float64").astype("float64")
+            frame[name] = _tolerant(_float_series, values, name, damaged, _one_float, _float_series)
         elif name in _BOOL_COLUMNS:
-            frame[name] = pd.Series(values, dtype="boolean")
+            frame[name] = _tolerant(_bool_series, values, name, damaged, _one_bool, _bool_series)
         elif not values:  # an empty frame still gets the dtypes a full one would have
             frame[name] = pd.Series([], dtype="int64" if name in _INT_COLUMNS else "str")
         else:
             frame[name] = pd.Series(values)
     return pd.DataFrame(frame, columns=names)
+
+
+def _tolerant(convert: Any, values: Sequence[Any], name: str, damaged: dict[int, str] | None, one: Any,
+              rebuild: Any) -> pd.Series:
+    """``convert(values)``; when a damaged cell makes that fail and ``damaged`` is given, each cell is
+    converted with ``one`` instead, the rows it fails on are recorded (position -> reason) and left
+    missing, and ``rebuild`` makes the column from the converted cells."""
+    try:
+        return convert(values)
+    except (ValueError, TypeError, OverflowError, StoreError):
+        if damaged is None:
+            raise
+    cells = []
+    for i, value in enumerate(values):
+        try:
+            cells.append(None if value is None else one(value))
+        except (ValueError, TypeError, OverflowError, StoreError):
+            damaged.setdefault(i, f"column {name} holds a {type(value).__name__} that is not a valid {name}")
+            cells.append(None)
+    return rebuild(cells)
+
+
+def _float_series(values: Sequence[Any]) -> pd.Series:
+    return pd.Series(values, dtype="float64").astype("float64")
+
+
+def _bool_series(values: Sequence[Any]) -> pd.Series:
+    return pd.Series(values, dtype="boolean")
+
+
+def _one_float(value: Any) -> float:
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError(value)
+    return float(value)
+
+
+def _one_bool(value: Any) -> bool:
+    if value not in (0, 1) or isinstance(value, (str, bytes, float)):
+        raise ValueError(value)
+    return bool(value)
+
+
+def _one_time(value: Any) -> pd.Timestamp:
+    stamp = pd.Timestamp(value) if isinstance(value, str) else pd.Timestamp(_to_utc(value))
+    if pd.isna(stamp):
+        raise ValueError(value)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
 def _utc_series(values: Sequence[Any]) -> pd.Series:
