@@ -483,3 +483,11 @@ def test_ctrl_c_during_a_run_says_so_and_stores_nothing(quick_zoo, kept_store, c
     err = "".join(seen)
     assert "interrupted: this run did not finish and nothing of it was stored" in err and "Traceback" not in err
     assert digest(path) == before
+
+
+def test_out_naming_a_folder_is_one_line_for_explain_and_report(seeded, learner_file, tmp_path, capsys, monkeypatch):
+    url, _ = seeded
+    code, _, err = cli(capsys, monkeypatch, "explain", "--learner-path", str(learner_file), "--html", str(tmp_path))
+    one_error_line(code, err, f"--html '{tmp_path}' is a folder")
+    code, _, err = cli(capsys, monkeypatch, "report", "--store", url, "--since", "2026-11-01", "--out", str(tmp_path))
+    one_error_line(code, err, f"--out '{tmp_path}'")

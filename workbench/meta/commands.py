@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from workbench import paths
 from workbench.errors import WorkbenchError
 from workbench.meta import evaluate, explain, features, persist, plots
 from workbench.meta.learner import LEARNERS, Budget
@@ -181,7 +182,12 @@ def applicability(model: str, spec: Any, device: str = "cpu", dtype: str = "floa
 def explain_learner(learner_path: str | Path | None = None, html: str | Path | None = None,
                     random_state: int = 0) -> dict[str, Any]:
     """Global explanation of a saved learner as data and text; ``html`` also writes the plotly figures."""
-    # 1. Data.
+    # 1. Data (a bad --html is refused before the work).
+    if html is not None and Path(html).is_dir():
+        raise WorkbenchError(f"--html {str(html)!r} is a folder: name a file in it, e.g. "
+                             f"{str(Path(html) / 'explain.html')!r}")
+    if html is not None:
+        Path(html).parent.mkdir(parents=True, exist_ok=True)
     learner = persist.load(learner_path)
     table = learner.training_table_
     data = explain.global_explanation(learner, table, random_state=random_state)
@@ -202,11 +208,9 @@ def explain_learner(learner_path: str | Path | None = None, html: str | Path | N
     # 3. Figures, built from the data, when asked.
     if html is not None:
         figures = [plots.importance_figure(data["importance"]), plots.partial_dependence_figure(dependence)]
-        Path(html).parent.mkdir(parents=True, exist_ok=True)
-        with open(html, "w", encoding="utf-8") as handle:
-            handle.write("<html><head><meta charset='utf-8'><title>workbench meta-learner</title></head><body>")
-            for i, figure in enumerate(figures):
-                handle.write(figure.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
-            handle.write("</body></html>")
+        page = "".join(["<html><head><meta charset='utf-8'><title>workbench meta-learner</title></head><body>",
+                        *(figure.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
+                          for i, figure in enumerate(figures)), "</body></html>"])
+        paths.write_atomically(Path(html), lambda temporary: Path(temporary).write_text(page, encoding="utf-8"))
         lines.append(f"wrote {html}")
     return {**data, "text": "\n".join(lines)}
