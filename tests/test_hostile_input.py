@@ -491,3 +491,21 @@ def test_out_naming_a_folder_is_one_line_for_explain_and_report(seeded, learner_
     one_error_line(code, err, f"--html '{tmp_path}' is a folder")
     code, _, err = cli(capsys, monkeypatch, "report", "--store", url, "--since", "2026-11-01", "--out", str(tmp_path))
     one_error_line(code, err, f"--out '{tmp_path}'")
+
+
+def test_one_sweep_started_twice_at_once_with_resume_runs_each_run_once(quick_zoo, tmp_path, cli_env, workbench_cmd):
+    sweep_file = tmp_path / "twice.yaml"
+    sweep_file.write_text("models: [zoo:code-classifier]\nworkloads: [{name: code-snippets, max_items: 2}]\n"
+                          "techniques: [baseline, quantization, {name: early_exit, params: {threshold: 0.9}}]\n"
+                          "repeats: 1\nwarmup: 0\n")
+    url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    Store(url).close()
+    sweeps = [subprocess.Popen([*workbench_cmd, "sweep", str(sweep_file), "--store", url, "--resume", "-q"],
+                               env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outputs = [process.communicate(timeout=600) for process in sweeps]
+    assert [process.returncode for process in sweeps] == [0, 0], outputs
+    frame = Store(url).runs(columns=["spec_key", "status"])
+    assert len(frame) == 3 and frame["spec_key"].is_unique and set(frame["status"]) == {"ok"}
+    done_here = [int(out.split(" ok,")[0].strip().splitlines()[-1]) for out, _ in outputs]
+    assert sum(done_here) == 3  # each run measured by exactly one of the two

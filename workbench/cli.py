@@ -300,8 +300,9 @@ def sweep(
     else:
         outcome = sweeps.run_sweep(parsed, results_store, resume=resume, limits=limits, progress=not quiet,
                                    planned=planned)
+    elsewhere = f"{outcome.elsewhere} left to another sweep running them, " if outcome.elsewhere else ""
     typer.echo(f"{outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} skipped, "
-               f"{outcome.already_done} already stored, {outcome.missing} not run; "
+               f"{outcome.already_done} already stored, {elsewhere}{outcome.missing} not run; "
                f"{outcome.wall_s:.0f} s; store {results_store.url}")
     if outcome.interrupted:
         typer.echo(f"interrupted: {outcome.missing} runs not done; finished runs are stored, rerun with --resume",

@@ -50,11 +50,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import itertools
-import reprlib
 import math
+import reprlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +131,7 @@ class SweepOutcome:
     failed: int = 0
     skipped: int = 0  # not applicable here, stored with the reason
     already_done: int = 0  # found in the store by --resume, not run again
+    elsewhere: int = 0  # --resume: being run by another sweep on this machine at the time, left to it
     interrupted: bool = False
     failures: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
     run_ids: list[str] = field(default_factory=list)  # stored rows, in order
@@ -136,7 +140,7 @@ class SweepOutcome:
     @property
     def missing(self) -> int:
         """Runs neither stored now nor found stored before (an interrupted sweep's remainder)."""
-        return self.total - self.ok - self.failed - self.skipped - self.already_done
+        return self.total - self.ok - self.failed - self.skipped - self.already_done - self.elsewhere
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -573,6 +577,34 @@ def record(outcome: SweepOutcome, item: PlannedRun, row: dict[str, Any], bar: An
     bar.update(1)
 
 
+@contextlib.contextmanager
+def _claim(store: Any, key: str, resume: bool) -> Iterator[bool]:
+    """With ``resume``, an exclusive claim on one run among the sweeps of this machine that share a store
+    (an advisory lock on a file under ``data/locks``, released when the run ends or its process dies);
+    yields False when another sweep holds it. Without ``resume`` every run is ours: a sweep started twice
+    on purpose measures twice."""
+    if not resume:
+        yield True
+        return
+    import fcntl
+
+    from workbench import paths
+
+    folder = paths.data_dir() / "locks"
+    folder.mkdir(exist_ok=True)
+    name = hashlib.sha256(f"{store.url}\n{key}".encode()).hexdigest()[:32]
+    with open(folder / f"{name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _environments() -> Any:
     """``environment(spec)``: this machine's fingerprint for the spec's device kind, taken once per kind."""
     from workbench.environment import fingerprint
@@ -646,11 +678,20 @@ def run_sweep(sweep: Sweep | list[RunSpec], store: Any, resume: bool = False, li
     try:
         for item in todo:
             bar.set_description(f"sweep: run {item.index}")
-            if item.skip_reason is not None:
-                row = skipped_result(item.spec, item.skip_reason, environment(item.spec)).to_row()
-            else:
-                row = run_isolated(item.plan, limits, index=item.index, environment=environment(item.spec))
-            record(outcome, item, row, bar, store)
+            with _claim(store, item.spec.key(), resume) as mine:
+                if not mine:  # --resume: another sweep on this machine is running it now
+                    outcome.elsewhere += 1
+                    bar.update(1)
+                    continue
+                if resume and store.has_ok_run(item.spec.key()):  # stored by another sweep since we planned
+                    outcome.already_done += 1
+                    bar.update(1)
+                    continue
+                if item.skip_reason is not None:
+                    row = skipped_result(item.spec, item.skip_reason, environment(item.spec)).to_row()
+                else:
+                    row = run_isolated(item.plan, limits, index=item.index, environment=environment(item.spec))
+                record(outcome, item, row, bar, store)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
