@@ -509,3 +509,36 @@ def test_one_sweep_started_twice_at_once_with_resume_runs_each_run_once(quick_zo
     assert len(frame) == 3 and frame["spec_key"].is_unique and set(frame["status"]) == {"ok"}
     done_here = [int(out.split(" ok,")[0].strip().splitlines()[-1]) for out, _ in outputs]
     assert sum(done_here) == 3  # each run measured by exactly one of the two
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_stopping_a_report_stops_its_notebook_and_leaves_no_temporary_files(seeded, tmp_path, cli_env,
+                                                                          workbench_cmd, stop):
+    import signal
+    import time
+
+    import psutil
+
+    url, _ = seeded
+    out_dir = tmp_path / "reports"
+    out_dir.mkdir()
+    old = out_dir / "weekly.html"
+    old.write_text("<html>last week's report</html>")
+    process = subprocess.Popen([*workbench_cmd, "report", "--store", url, "--since", "2026-11-01", "--out", str(old)],
+                               env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    children: list[psutil.Process] = []
+    while time.monotonic() < deadline and not any("ipykernel" in " ".join(c.cmdline()) for c in children):
+        time.sleep(0.2)  # until the notebook's kernel runs
+        try:
+            children = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+    assert children, "the report never started its notebook"
+    process.send_signal(getattr(signal, stop))
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted: the report was not written" in err, err
+    time.sleep(1.0)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["weekly.html"]  # no temporary folder left
+    assert old.read_text() == "<html>last week's report</html>"

@@ -469,11 +469,18 @@ def report(
     """Render the scheduled report (papermill + nbconvert): one self-contained, offline HTML file."""
     from workbench.report import ReportParams, render_report
 
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop cleans up like Ctrl-C
     params = ReportParams.from_pairs(param, store_url=store, since=since)
     for flag, seconds in (("--cell-timeout", cell_timeout), ("--timeout", timeout)):
         if not 0 < seconds < float("inf"):
             raise WorkbenchError(f"{flag} {seconds:g} is invalid: give a positive number of seconds, e.g. {flag} 300")
-    result = render_report(params, out, cell_timeout_s=cell_timeout, total_timeout_s=timeout)
+    try:
+        result = render_report(params, out, cell_timeout_s=cell_timeout, total_timeout_s=timeout)
+    except KeyboardInterrupt:  # the notebook's process is stopped and its temporary folder gone by now
+        typer.echo(f"interrupted: the report was not written; {out} is as it was", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"wrote {result['html']} ({result['html_bytes'] / 1e6:.1f} MB) and {result['notebook']} "
                f"in {result['seconds']:.0f}s")
 

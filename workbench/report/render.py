@@ -79,6 +79,10 @@ def _run_child(command: list[str], env: dict[str, str], timeout_s: float) -> Non
         child.communicate()
         raise WorkbenchError(f"the report took longer than {timeout_s:.0f}s and was stopped: raise --timeout "
                              "or narrow --since / the filters") from None
+    except BaseException:  # Ctrl-C or SIGTERM here: the child runs in its own session, so stop it too
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise
     if child.returncode != 0:
         lines = [line for line in (err or "").strip().splitlines() if line.strip()]
         raise WorkbenchError(lines[-1].removeprefix("error: ") if lines else
