@@ -72,6 +72,9 @@ def test_runs_table_fits_100_columns_and_prints_no_escapes(workbench_cmd, cli_en
     header = wide.stdout.splitlines()[0].split()
     assert {"workload", "device", "verdict", "machine", "failure_reason", "params"} <= set(header)
     assert "x" * 300 in wide.stdout and "threshold=0.8,train_steps=300" in wide.stdout  # nothing cut
+    csv_out = run_cli(workbench_cmd, cli_env, "runs", "--store", store_url, "--format", "csv", timeout=120)
+    assert csv_out.returncode == 0 and "\x1b" not in csv_out.stdout and "\x07" not in csv_out.stdout
+    assert "zoo:evil?]0;pwned??[2J" in csv_out.stdout  # shown, made harmless
 
 
 def test_run_prints_a_side_by_side_table(quick_zoo, workbench_cmd, cli_env, store_url):

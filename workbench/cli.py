@@ -333,8 +333,8 @@ def runs(
     view = _runs_view(frame)
     if fmt == "json":
         typer.echo(_dump(view.to_dict(orient="records")))
-    elif fmt == "csv":
-        typer.echo(view.to_csv(index=False), nl=False)
+    elif fmt == "csv":  # text cells as a terminal shows them: stored strings never carry escape sequences out
+        typer.echo(view.map(lambda v: printable(v) if isinstance(v, str) else v).to_csv(index=False), nl=False)
     elif view.empty:
         typer.echo("no runs stored" + (f" since {since}" if since else "") + ": try `workbench run ...` first")
     elif wide:
