@@ -542,3 +542,39 @@ def test_stopping_a_report_stops_its_notebook_and_leaves_no_temporary_files(seed
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert sorted(p.name for p in out_dir.iterdir()) == ["weekly.html"]  # no temporary folder left
     assert old.read_text() == "<html>last week's report</html>"
+
+
+def test_a_store_on_read_only_media_is_read(seeded, tmp_path, capsys, monkeypatch):
+    """A bind mount remounted read-only stands in for a read-only medium (root may not write there either)."""
+    _, path = seeded
+    source, mounted = tmp_path / "source", tmp_path / "readonly"
+    source.mkdir()
+    mounted.mkdir()
+    for suffix in ("", "-wal"):  # the store as it is now (its rows may still sit in the -wal)
+        if Path(f"{path}{suffix}").is_file():
+            shutil.copy(f"{path}{suffix}", source / f"open.sqlite{suffix}")
+            shutil.copy(f"{path}{suffix}", source / f"runs.sqlite{suffix}")
+    with sqlite3.connect(source / "runs.sqlite") as conn:  # runs.sqlite as its last writer leaves it: no -wal
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    Path(source / "runs.sqlite-wal").unlink(missing_ok=True)
+    mount = subprocess.run(["mount", "--bind", str(source), str(mounted)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot make a read-only mount here: {mount.stderr.strip()}")
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,ro,bind", str(mounted)], capture_output=True, text=True)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {remount.stderr.strip()}")
+        assert not os.access(mounted, os.W_OK)
+        url = f"sqlite:///{mounted / 'runs.sqlite'}"
+        code, out, err = cli(capsys, monkeypatch, "runs", "--store", url, "--format", "csv")
+        assert code == 0 and "Traceback" not in err, err
+        assert len(out.strip().splitlines()) == 1 + len(pd.read_parquet(SEED))
+        bundle = tmp_path / "out.parquet"
+        code, _, err = cli(capsys, monkeypatch, "export", "--store", url, "--out", str(bundle))
+        assert code == 0 and bundle.is_file(), err
+        if (source / "open.sqlite-wal").is_file() and (source / "open.sqlite-wal").stat().st_size:
+            code, _, err = cli(capsys, monkeypatch, "runs", "--store", f"sqlite:///{mounted / 'open.sqlite'}")
+            one_error_line(code, err, "is on read-only media with writes still in open.sqlite-wal")
+    finally:  # lazily: the in-process CLI may still hold a pooled connection to the file
+        subprocess.run(["umount", "-l", str(mounted)], capture_output=True)

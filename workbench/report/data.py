@@ -324,7 +324,7 @@ def build_report(params: ReportParams, now: dt.datetime | None = None) -> dict[s
     # 1. The two windows, filtered.
     now = now or dt.datetime.now(dt.timezone.utc)
     window = _window(params.since, now)
-    store = Store(params.store_url)
+    store = Store(params.store_url, create=params.store_url is None)
     try:
         runs = _filtered_runs(store, params, window["start"], window["end"])
         previous_runs = _filtered_runs(store, params, window["previous_start"], window["start"])

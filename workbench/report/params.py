@@ -156,7 +156,7 @@ def check_store(url: str | None) -> str:
             and not parsed.database.startswith("file:") and not Path(parsed.database).exists():
         raise WorkbenchError(f"store file {parsed.database} does not exist: pass --store with an existing store "
                              "URL (e.g. sqlite:///data/store.sqlite) or run `workbench run ...` first")
-    store = Store(text)
+    store = Store(text, create=False)  # a reader: refuses a missing store, reads one on read-only media
     store.close()
     return store.url
 
@@ -181,7 +181,7 @@ def check_filters(params: ReportParams) -> None:
     wanted = {name: getattr(params, name) for name in _FILTER_COLUMNS if getattr(params, name)}
     if not wanted:
         return
-    store = Store(params.store_url)
+    store = Store(params.store_url, create=params.store_url is None)
     try:
         for name, values in wanted.items():
             column = _FILTER_COLUMNS[name]

@@ -37,7 +37,7 @@ from workbench.store._base import UTC, StoreError, _first_line, _safe_url
 from workbench.store.codec import _frame, _loads, _prepare_row, json_safe, to_json
 from workbench.store.engine import (CONNECT_TIMEOUT_S, LOCKED_ATTEMPTS, SQLITE_BUSY_TIMEOUT_MS, _check_sqlite_exists,
                                     _connect_with_timeout, _create_engine, _is_memory_sqlite, _parse_url,
-                                    _retry_locked)
+                                    _read_only_sqlite, _retry_locked)
 from workbench.store.queries import _check_columns, _filters, _select_column, parse_since
 from workbench.store.schema import (COLUMNS_ADDED, JSON_COLUMNS, REQUIRED_KEYS, RUN_COLUMNS, SCHEMA_VERSION, STATUSES,
                                     _check_or_create_schema, _stored_schema_version, meta_table, metadata,
@@ -78,9 +78,11 @@ class Store:
         # 1. Parse the URL; a reader (create=False) refuses a store that does not exist yet, before the
         #    engine would make a SQLite file's folders. Then build the engine (imports the driver).
         self._url = _parse_url(paths.default_store_url() if url is None else url)
+        read_only = None
         if not create:
             _check_sqlite_exists(self._url)
-        self.engine: Engine = _create_engine(self._url)
+            read_only = _read_only_sqlite(self._url)  # a file on read-only media: opened immutable, no WAL
+        self.engine: Engine = _create_engine(read_only or self._url)
         # 2. Refuse what is not (or not yet) a workbench store; create the tables in a new one.
         try:
             _connect_with_timeout(self.engine, self._url)
@@ -89,7 +91,7 @@ class Store:
             self.engine.dispose()
             raise
         # 3. SQLite: write-ahead logging lets readers work while a sweep writes (persists in the file).
-        if self.engine.dialect.name == "sqlite" and not _is_memory_sqlite(self._url):
+        if self.engine.dialect.name == "sqlite" and not _is_memory_sqlite(self._url) and read_only is None:
             def switch_to_wal() -> None:
                 with self.engine.connect() as conn:
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")

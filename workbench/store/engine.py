@@ -3,8 +3,10 @@ connect timeout), reach the server in bounded time, and retry what SQLite report
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +120,22 @@ def _check_sqlite_exists(url: URL) -> None:
         where = "its folder does not exist either" if not path.parent.is_dir() else "no such file"
         raise StoreError(f"store {_safe_url(url)!r} does not exist ({where}): check the path, or give the store "
                          "your runs were written to (--store sqlite:///path/to/file.sqlite)")
+
+
+def _read_only_sqlite(url: URL) -> URL | None:
+    """For readers: a SQLite file whose folder cannot be written (read-only media, a snapshot) as an
+    immutable read-only URL, since SQLite would otherwise need to create its -wal/-shm files beside it;
+    None for every other store."""
+    if url.get_backend_name() != "sqlite" or _is_memory_sqlite(url) or (url.database or "").startswith("file:"):
+        return None
+    path = Path(url.database).expanduser().resolve()
+    if os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
+        return None
+    wal = path.with_name(path.name + "-wal")
+    if wal.is_file() and wal.stat().st_size > 0:  # immutable reads would silently miss what it holds
+        raise StoreError(f"store {_safe_url(url)!r} is on read-only media with writes still in {wal.name} (it was "
+                         "copied while open): copy the folder somewhere writable and read it there")
+    return make_url(f"sqlite:///file:{quote(str(path))}?mode=ro&immutable=1&uri=true")
 
 
 def _prepare_sqlite_file(url: URL) -> None:
