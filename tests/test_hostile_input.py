@@ -578,3 +578,50 @@ def test_a_store_on_read_only_media_is_read(seeded, tmp_path, capsys, monkeypatc
             one_error_line(code, err, "is on read-only media with writes still in open.sqlite-wal")
     finally:  # lazily: the in-process CLI may still hold a pooled connection to the file
         subprocess.run(["umount", "-l", str(mounted)], capture_output=True)
+
+
+def test_a_run_killed_on_timeout_leaks_no_semaphore(quick_zoo, tmp_path, cli_env, workbench_cmd):
+    """The worker is killed mid-measurement; its tqdm lock must not be a multiprocessing semaphore left
+    registered with the resource tracker (which warned of a leak at shutdown)."""
+    sweep_file = tmp_path / "slow.yaml"
+    sweep_file.write_text("models: [zoo:code-classifier]\nworkloads: [{name: code-snippets, max_items: 64}]\n"
+                          "techniques: [baseline]\nrepeats: 1000\nwarmup: 0\n")
+    done = subprocess.run([*workbench_cmd, "sweep", str(sweep_file), "--store", f"sqlite:///{tmp_path / 's.sqlite'}",
+                           "--timeout-per-run", "8", "-q"], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "timed out after 8 s" in done.stdout + done.stderr, done.stderr
+    assert "leaked semaphore" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_full_disk_during_learn_keeps_the_old_learner(seeded, tmp_path, cli_env):
+    url, _ = seeded
+    old = tmp_path / "team.learner.skops"
+    old.write_bytes(b"the learner trained last week")
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+              f"sys.argv = ['workbench', 'learn', '--store', {url!r}, '--learner', 'tree', '--out', {str(old)!r}]; "
+              "from workbench.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True, text=True, timeout=600)
+    one_error_line(done.returncode, done.stderr, "could not write", "the old file, if any, is unchanged")
+    assert old.read_bytes() == b"the learner trained last week"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".team.learner")] == []
+
+
+def test_a_postgres_port_that_never_answers_is_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
+    import socket
+    import threading
+
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install 'workbench[cluster]'")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    try:
+        code, _, err = cli(capsys, monkeypatch, "runs", "--store",
+                           f"postgresql://u:Never-Printed-7@127.0.0.1:{listener.getsockname()[1]}/db")
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    one_error_line(code, err, "cannot reach the store", "u:***@127.0.0.1")
+    assert "Never-Printed-7" not in err and held

@@ -229,6 +229,7 @@ def _worker_main(plan_json: str, index: int, max_memory_bytes: int | None, paren
         resource.setrlimit(resource.RLIMIT_AS, (max_memory_bytes, max_memory_bytes))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _thread_lock_for_tqdm()
     plan_data = json.loads(plan_json)
     spec = RunSpec.from_dict(plan_data["spec"])
     row: dict[str, Any]
@@ -263,6 +264,17 @@ def _worker_main(plan_json: str, index: int, max_memory_bytes: int | None, paren
 
     sender.send_bytes(to_json(row, "row").encode("utf-8"))
     sender.close()
+
+
+def _thread_lock_for_tqdm() -> None:
+    """tqdm's default lock includes a multiprocessing semaphore, registered with the parent's resource
+    tracker; a worker killed on timeout never unregisters it, and the tracker warns of a leak at shutdown.
+    A worker draws no bars for other processes, so a thread lock does."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def _calls_sender(sender: Any) -> Any:
