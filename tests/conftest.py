@@ -81,10 +81,10 @@ def workbench_cmd() -> list[str]:
 #: a long file alone at the end (longest-processing-time-first scheduling). Other files follow in order.
 LONGEST_FILES = ("test_meta.py", "test_cluster.py", "test_speculative.py", "test_cli.py", "test_sweep.py",
                  "test_early_exit.py", "test_architectures.py", "test_report.py", "test_technique_plugin.py",
-                 "test_team_store.py", "test_hostile_input.py", "test_plan_time_checks.py", "test_pretrained_zoo.py", "test_widgets.py",
-                 "test_jupyterlab_browser.py", "test_quantization.py", "test_techniques.py", "test_notebooks.py",
-                 "test_draft.py", "test_noise.py", "test_zoo.py", "test_adaptive_steps.py", "test_sampled_quality.py",
-                 "test_store.py", "test_store_concurrency.py")
+                 "test_team_store.py", "test_hostile_input.py", "test_plan_time_checks.py", "test_pretrained_zoo.py",
+                 "test_widgets.py", "test_jupyterlab_browser.py", "test_quantization.py", "test_techniques.py",
+                 "test_notebooks.py", "test_draft.py", "test_noise.py", "test_zoo.py", "test_adaptive_steps.py",
+                 "test_sampled_quality.py", "test_store.py", "test_store_concurrency.py")
 # by total duration, 2026-12-02 (--durations=0); test_cluster (~150 s), test_team_store (~45 s),
 # test_hostile_input (~3 min of CLI processes) and the store files (~35 s with PostgreSQL) placed by their
 # durations of 2026-12-07
