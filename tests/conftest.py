@@ -114,3 +114,14 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'nested' / 'folder' / 'runs.sqlite'}"
     return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation and planning must never load a model: any attempt fails the test loudly."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("validation tried to load weights")
+
+    monkeypatch.setattr("workbench.runner.load_model", refuse)
+    monkeypatch.setattr("workbench.models.loading.load_model", refuse)

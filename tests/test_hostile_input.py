@@ -48,6 +48,15 @@ def one_error_line(code: int, err: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+def on_a_full_disk(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """``workbench ARGS`` in a process that may write at most 100 kB per file: RLIMIT_FSIZE stands in for a
+    full disk (a write past it fails with EFBIG, as one on a full disk fails with ENOSPC)."""
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+              f"sys.argv = ['workbench', *{list(args)!r}]; from workbench.cli import main; main()")
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -253,11 +262,7 @@ def test_a_full_disk_during_export_keeps_the_old_bundle(seeded, tmp_path, cli_en
     bundle = tmp_path / "old.parquet"
     shutil.copy(SEED, bundle)
     before = digest(bundle)
-    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
-              f"sys.argv = ['workbench', 'export', '--store', {url!r}, '--out', {str(bundle)!r}]; "
-              "from workbench.cli import main; main()")
-    done = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True, text=True, timeout=300)
+    done = on_a_full_disk(cli_env, "export", "--store", url, "--out", str(bundle))
     one_error_line(done.returncode, done.stderr, "could not write", "the old file, if any, is unchanged")
     assert digest(bundle) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".old.parquet")) == []  # no partial file
@@ -596,11 +601,7 @@ def test_a_full_disk_during_learn_keeps_the_old_learner(seeded, tmp_path, cli_en
     url, _ = seeded
     old = tmp_path / "team.learner.skops"
     old.write_bytes(b"the learner trained last week")
-    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
-              f"sys.argv = ['workbench', 'learn', '--store', {url!r}, '--learner', 'tree', '--out', {str(old)!r}]; "
-              "from workbench.cli import main; main()")
-    done = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True, text=True, timeout=600)
+    done = on_a_full_disk(cli_env, "learn", "--store", url, "--learner", "tree", "--out", str(old))
     one_error_line(done.returncode, done.stderr, "could not write", "the old file, if any, is unchanged")
     assert old.read_bytes() == b"the learner trained last week"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".team.learner")] == []

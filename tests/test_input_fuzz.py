@@ -43,15 +43,7 @@ CONFIGS = st.one_of(
 )
 
 
-@pytest.fixture(autouse=True)
-def no_weight_loading(monkeypatch):
-    """Planning must never load a model: make any attempt fail loudly."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("planning tried to load weights")
-
-    monkeypatch.setattr("workbench.runner.load_model", refuse)
-    monkeypatch.setattr("workbench.models.loading.load_model", refuse)
+pytestmark = pytest.mark.usefixtures("no_weight_loading")  # validation never loads a model (conftest)
 
 
 @FUZZ

@@ -22,15 +22,7 @@ FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True)
-def no_weight_loading(monkeypatch):
-    """Validation must never load a model: make any attempt fail loudly."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the validator tried to load weights")
-
-    monkeypatch.setattr("workbench.runner.load_model", refuse)
-    monkeypatch.setattr("workbench.models.loading.load_model", refuse)
+pytestmark = pytest.mark.usefixtures("no_weight_loading")  # validation never loads a model (conftest)
 
 
 def check_sweep_text(text: str) -> None:
